@@ -1,0 +1,29 @@
+"""coglm_hf: CogView2 for the Hugging Face stack.
+
+Importing the package registers the CogLM models with the Transformers Auto classes, so
+``AutoModel.from_pretrained(dir)`` works without ``trust_remote_code`` once coglm_hf is installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .attention_masks import masked_regions_mask
+from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
+from .modeling_coglm import CogLMForMaskedRegions, CogLMModel, CogLMPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(CogLMConfig.model_type, CogLMConfig, exist_ok=True)
+AutoConfig.register(CogLMDirectSRConfig.model_type, CogLMDirectSRConfig, exist_ok=True)
+AutoConfig.register(CogLMIterativeSRConfig.model_type, CogLMIterativeSRConfig, exist_ok=True)
+AutoModel.register(CogLMConfig, CogLMModel, exist_ok=True)
+AutoModelForMaskedLM.register(CogLMConfig, CogLMForMaskedRegions, exist_ok=True)
+
+__all__ = [
+    "CogLMConfig",
+    "CogLMDirectSRConfig",
+    "CogLMForMaskedRegions",
+    "CogLMIterativeSRConfig",
+    "CogLMModel",
+    "CogLMPreTrainedModel",
+    "masked_regions_mask",
+]

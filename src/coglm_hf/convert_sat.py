@@ -1,0 +1,276 @@
+"""Convert official CogView2 SwissArmyTransformer (SAT) model folders to coglm_hf checkpoints.
+
+A SAT folder holds ``latest`` (the iteration to load, or ``release``), ``model_config.json`` and
+``<iteration>/mp_rank_00_model_states.pt`` whose ``module`` entry is the state dict (§2 of the reference). The kind
+of model (``coglm``, ``cogview2-dsr``, ``cogview2-itersr``) is detected from the keys. Every key is mapped explicitly;
+an unknown or missing key is an error, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_KINDS = ("coglm", "dsr", "itersr")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+_LAYER_KEY = re.compile(
+    r"^transformer\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|third_layernorm|fourth_layernorm|"
+    r"attention\.query_key_value|attention\.dense|mlp\.dense_h_to_4h|mlp\.dense_4h_to_h)\.(weight|bias)$"
+)
+_PLUS_KEY = re.compile(r"^mixins\.attention_plus\.(query_key_value|dense)\.(\d+)\.(weight|bias)$")
+_TOP_LEVEL = {
+    "transformer.word_embeddings.weight": "transformer.word_embeddings.weight",
+    "transformer.position_embeddings.weight": "transformer.position_embeddings.weight",
+    "transformer.final_layernorm.weight": "transformer.final_layernorm.weight",
+    "transformer.final_layernorm.bias": "transformer.final_layernorm.bias",
+    "mixins.extra_position_embedding.position_embeddings.weight": "transformer.hires_position_embeddings.weight",
+}
+
+
+def _numpy_safe_globals() -> list:
+    """The numpy types DeepSpeed/SAT bookkeeping (rng states) pickles — and nothing else."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(name)) for name in ("uint32", "int64", "float64", "float32", "bool", "int32", "uint8")]
+    return allowed
+
+
+def load_sat_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """Read ``latest`` → ``<iteration>/mp_rank_00_model_states.pt`` → ``module``.
+
+    Loads with ``torch.load(weights_only=True)``; only numpy arrays/scalars (rng states) are allowed beyond what
+    ``weights_only`` accepts. Returns ``(state_dict, model_config, iteration)``.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"SAT model folder not found: {model_dir}")
+    tracker = model_dir / "latest"
+    if not tracker.is_file():
+        raise FileNotFoundError(f"{tracker} is missing: a SAT model folder names its iteration in 'latest'")
+    iteration = tracker.read_text().strip()
+    if not (iteration.isdigit() or iteration == "release"):
+        raise ValueError(f"{tracker} must hold an iteration number or 'release', got {iteration!r}")
+    weights = model_dir / iteration / "mp_rank_00_model_states.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing (named by {tracker})")
+    config_path = model_dir / "model_config.json"
+    model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            payload = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in several classes; all mean the same to the user
+        raise ValueError(
+            f"{weights} could not be loaded safely (weights_only=True): {error}. It holds objects beyond tensors, "
+            "plain containers and numpy rng states; re-save only its 'module' entry with torch.save."
+        ) from error
+    if not isinstance(payload, dict) or not isinstance(payload.get("module"), dict):
+        raise ValueError(f"{weights} is not a SAT model-state file: expected a dict with a 'module' state dict")
+    state_dict = payload["module"]
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{weights}: 'module' entries that are not tensors: {bad[:5]}")
+    return state_dict, model_config, iteration
+
+
+def detect_model_kind(state_dict: dict[str, torch.Tensor]) -> str:
+    """``dsr`` if the ``attention_plus`` mixin is present, ``itersr`` if only the extra position table, else
+    ``coglm``."""
+    if any(k.startswith("mixins.attention_plus.") for k in state_dict):
+        return "dsr"
+    if "mixins.extra_position_embedding.position_embeddings.weight" in state_dict:
+        return "itersr"
+    return "coglm"
+
+
+def map_key(key: str) -> str:
+    """Official SAT key → coglm_hf key; ``KeyError`` for anything not part of the CogView2 checkpoints."""
+    if key in _TOP_LEVEL:
+        return _TOP_LEVEL[key]
+    match = _LAYER_KEY.match(key)
+    if match:
+        layer, module, param = match.groups()
+        return f"transformer.layers.{layer}.{module}.{param}"
+    match = _PLUS_KEY.match(key)
+    if match:
+        module, layer, param = match.groups()
+        return f"transformer.layers.{layer}.attention.hires_{module}.{param}"
+    raise KeyError(key)
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename every official key (strict: unknown keys raise ``ValueError`` listing them)."""
+    converted, unknown = {}, []
+    for key, tensor in state_dict.items():
+        try:
+            converted[map_key(key)] = tensor
+        except KeyError:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"unexpected keys in the SAT checkpoint (not part of CogView2): {unknown[:8]}"
+                         + (f" … ({len(unknown)} in all)" if len(unknown) > 8 else ""))
+    return converted
+
+
+def _parse_layout(layout) -> list[int]:
+    if isinstance(layout, str):
+        return [int(v) for v in layout.split(",")]
+    return [int(v) for v in layout]
+
+
+def config_from_sat(state_dict: dict[str, torch.Tensor], model_config: dict, kind: str) -> CogLMConfig:
+    """Build the config from tensor shapes, cross-checked against ``model_config.json`` (mismatch → ValueError)."""
+    vocab_size, hidden_size = state_dict["transformer.word_embeddings.weight"].shape
+    max_positions = state_dict["transformer.position_embeddings.weight"].shape[0]
+    layer_ids = {int(m.group(1)) for k in state_dict if (m := _LAYER_KEY.match(k))}
+    num_layers = max(layer_ids) + 1 if layer_ids else 0
+    intermediate = state_dict["transformer.layers.0.mlp.dense_h_to_4h.weight"].shape[0] if num_layers else 0
+    heads = int(model_config.get("num_attention_heads", 0)) or None
+    if heads is None:
+        raise ValueError("model_config.json must give num_attention_heads (it cannot be read from the weights)")
+    expected = {"num_layers": num_layers, "hidden_size": hidden_size, "vocab_size": vocab_size,
+                "max_sequence_length": max_positions, "inner_hidden_size": intermediate}
+    for name, value in expected.items():
+        if name in model_config and model_config[name] is not None and int(model_config[name]) != int(value):
+            raise ValueError(f"model_config.json says {name}={model_config[name]} but the weights have {value}")
+    order = model_config.get("layernorm_order", "sandwich")
+    if order != "sandwich":
+        raise ValueError(f"only sandwich LayerNorm checkpoints are CogView2 models; got layernorm_order={order!r}")
+    if set(layer_ids) != set(range(num_layers)):
+        raise ValueError(f"layer indices are not contiguous: {sorted(layer_ids)}")
+
+    kwargs = dict(vocab_size=int(vocab_size), hidden_size=int(hidden_size), num_hidden_layers=num_layers,
+                  num_attention_heads=heads, intermediate_size=int(intermediate),
+                  max_position_embeddings=int(max_positions))
+    if kind == "coglm":
+        return CogLMConfig(**kwargs)
+    hires_rows = state_dict["mixins.extra_position_embedding.position_embeddings.weight"].shape[0]
+    hires_grid = int(round(hires_rows**0.5))
+    if hires_grid * hires_grid != hires_rows:
+        raise ValueError(f"the extra position table has {hires_rows} rows, not a square grid")
+    kernel = int(model_config.get("kernel_size", 5))
+    kwargs.update(hires_grid_size=hires_grid, local_window=(2 * kernel - 1, kernel),
+                  hires_position_offset=int(max_positions))
+    if "new_sequence_length" in model_config and int(model_config["new_sequence_length"]) != max_positions + hires_rows:
+        raise ValueError(f"new_sequence_length={model_config['new_sequence_length']} does not match "
+                         f"{max_positions} + {hires_rows} position rows")
+    if kind == "dsr":
+        layout = _parse_layout(model_config.get("layout", [96, 96 + (hires_grid // 3) ** 2, 0]))
+        text_slots, low_end = layout[0], layout[1]
+        low_grid = int(round((low_end - text_slots) ** 0.5))
+        kernel2 = int(model_config.get("kernel_size2", 5))
+        return CogLMDirectSRConfig(**kwargs, sr_text_slots=text_slots, image_grid_size=low_grid,
+                                   cross_window=(kernel2, kernel2))
+    layout = _parse_layout(model_config.get("layout", [16, 16 + hires_rows]))
+    return CogLMIterativeSRConfig(**kwargs, sr_text_slots=layout[0])
+
+
+def model_class_for(kind: str):
+    if kind == "coglm":
+        from .modeling_coglm import CogLMForMaskedRegions
+
+        return CogLMForMaskedRegions
+    from .modeling_coglm_sr import CogLMForDirectSuperResolution, CogLMForIterativeSuperResolution
+
+    return CogLMForDirectSuperResolution if kind == "dsr" else CogLMForIterativeSuperResolution
+
+
+def load_converted_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "float32"):
+    """Load a SAT folder straight into the matching coglm_hf model (no files written)."""
+    state_dict, model_config, _ = load_sat_state_dict(model_dir)
+    kind = detect_model_kind(state_dict)
+    config = config_from_sat(state_dict, model_config, kind)
+    model = model_class_for(kind)(config)
+    converted = convert_state_dict(state_dict)
+    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
+    missing, unexpected = expected - converted.keys(), converted.keys() - expected
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the {kind} model: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
+    for key, tensor in converted.items():
+        target = model.state_dict()[key]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
+    model.load_state_dict(converted, strict=False)
+    model.tie_weights()
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return model.to(torch_dtype).eval(), kind
+
+
+def atomic_output_dir(output_dir: Path, overwrite: bool):
+    """Context manager yielding a temporary sibling folder that replaces ``output_dir`` only on success."""
+
+    class _Atomic:
+        def __enter__(self):
+            if output_dir.exists() and not overwrite:
+                raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+            output_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            if output_dir.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+                os.replace(output_dir, backup / "old")
+                os.replace(self.tmp, output_dir)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(self.tmp, output_dir)
+            return False
+
+    return _Atomic()
+
+
+def convert_sat_checkpoint(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Convert one SAT folder into a ``save_pretrained`` folder (safetensors, config, remote code).
+
+    Args:
+        input_dir: the SAT model folder (``coglm``, ``cogview2-dsr`` or ``cogview2-itersr``).
+        output_dir: target folder; written atomically.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` weights.
+        overwrite: replace an existing ``output_dir``.
+        max_shard_size: safetensors shard size.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    output_dir = Path(output_dir)
+    model, kind = load_converted_model(input_dir, dtype)
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    logger.info("converted %s checkpoint %s → %s", kind, input_dir, output_dir)
+    return output_dir
+
+
+__all__ = [
+    "MODEL_KINDS",
+    "config_from_sat",
+    "convert_sat_checkpoint",
+    "convert_state_dict",
+    "detect_model_kind",
+    "load_converted_model",
+    "load_sat_state_dict",
+    "map_key",
+]
