@@ -232,6 +232,21 @@ def broadcast_prompt_cache(cache: Cache, batch_size: int) -> Cache:
     return cache
 
 
+def _flex_mask_and_bias(visible: torch.Tensor, bias: torch.Tensor, num_heads: int) -> tuple[object, dict]:
+    """``BlockMask`` from a bool ``[batch, q, k]`` visibility and the ``[batch, 1, k]`` text bias as a
+    ``position_bias`` view ``[batch, heads, q, k]`` (Transformers' flex path adds it inside its score_mod)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, query_length, kv_length = visible.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible[b, q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, batch, None, query_length, kv_length, device=visible.device)
+    position_bias = bias[:, None].expand(batch, num_heads, query_length, kv_length)
+    return block_mask, {"position_bias": position_bias}
+
+
 def _cache_batch_size(cache: Cache) -> int | None:
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
@@ -323,9 +338,13 @@ class CogLMModel(CogLMPreTrainedModel):
         text_attention_bias: float,
         text_keys: torch.Tensor,
         dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Additive mask ``[batch, 1, q, kv_length]``: ``c`` on visible text keys, 0 on other visible keys, the
-        dtype's minimum on hidden ones (the official −10000 fill and −inf give identical softmax outputs).
+    ) -> tuple[torch.Tensor, dict]:
+        """The attention mask in the format of the attention implementation, plus extra attention kwargs.
+
+        ``eager``/``sdpa``: an additive mask ``[batch, 1, q, kv_length]`` — ``c`` on visible text keys, 0 on other
+        visible keys, the dtype's minimum on hidden ones (the official −10000 fill and −inf give identical softmax
+        outputs). ``flex_attention``: a ``BlockMask`` (hidden blocks are skipped) and the text bias as
+        ``position_bias``.
 
         Visibility: an explicit 0/1 ``attention_mask`` (``[batch, q, k]`` or ``[batch, 1, q, k]``; batch may be 1),
         else Eq. 1 from ``mask_regions``, else causal; a 2D ``[batch, k]`` mask marks padded keys (HF convention).
@@ -371,8 +390,10 @@ class CogLMModel(CogLMPreTrainedModel):
             visible = F.pad(visible, (0, kv_length - total_length), value=False)
             text_keys = F.pad(text_keys, (0, kv_length - total_length), value=False)
         bias = text_keys[:, None, :].to(dtype) * text_attention_bias
+        if self.config._attn_implementation == "flex_attention":
+            return _flex_mask_and_bias(visible, bias, self.config.num_attention_heads)
         hidden = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-        return torch.where(visible, bias, hidden)[:, None]
+        return torch.where(visible, bias, hidden)[:, None], {}
 
     # ----------------------------------------------------------------------------------------------- forward
     def run_layers(
@@ -467,15 +488,16 @@ class CogLMModel(CogLMPreTrainedModel):
 
         hidden_states = self.embed(input_ids, position_ids)
         bias = config.text_attention_bias if text_attention_bias is None else float(text_attention_bias)
-        additive_mask = self.build_attention_mask(
+        layer_mask, mask_kwargs = self.build_attention_mask(
             input_ids, past_length, kv_length, attention_mask, mask_regions, bias, text_keys, hidden_states.dtype
         )
         hidden_states, all_hidden, all_attentions = self.run_layers(
             hidden_states,
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
-            attention_mask=additive_mask,
+            attention_mask=layer_mask,
             past_key_values=past_key_values,
+            **mask_kwargs,
             **kwargs,
         )
         return CogLMModelOutput(
