@@ -5,12 +5,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from coglm_hf import CogLMForMaskedRegions
 from coglm_hf.attention_masks import masked_regions_mask, text_to_image_position_ids, text_to_image_regions
-from conftest import REPO_ROOT
 
 ATOL = RTOL = 1e-4
 T2I_CASES = ["t2i_L7_n400", "t2i_L23_n57_b2", "t2i_L109_n16"]

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from coglm_hf import CogLMForMaskedRegions
 from coglm_hf.convert_sat import (
@@ -17,7 +18,6 @@ from coglm_hf.convert_sat import (
     load_sat_state_dict,
     map_key,
 )
-from conftest import REPO_ROOT
 
 
 @pytest.fixture()
