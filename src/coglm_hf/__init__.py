@@ -9,6 +9,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from .attention_masks import masked_regions_mask
 from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
 from .modeling_coglm import CogLMForMaskedRegions, CogLMModel, CogLMPreTrainedModel
+from .sampling import (
+    LOPAR_ORDER_MATRIX,
+    LOPAR_TOP_K,
+    ClusterSamplingLogitsProcessor,
+    cluster_sample,
+    lopar_regeneration_mask,
+    top_k_sample,
+)
+from .scheduling_cogview2 import CogView2Scheduler
 
 __version__ = "0.1.0"
 
@@ -19,6 +28,13 @@ AutoModel.register(CogLMConfig, CogLMModel, exist_ok=True)
 AutoModelForMaskedLM.register(CogLMConfig, CogLMForMaskedRegions, exist_ok=True)
 
 __all__ = [
+    "LOPAR_ORDER_MATRIX",
+    "LOPAR_TOP_K",
+    "ClusterSamplingLogitsProcessor",
+    "CogView2Scheduler",
+    "cluster_sample",
+    "lopar_regeneration_mask",
+    "top_k_sample",
     "CogLMConfig",
     "CogLMDirectSRConfig",
     "CogLMForMaskedRegions",
