@@ -59,7 +59,10 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--text", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     config = CogLMConfig(vocab_size=20100, hidden_size=args.hidden, num_hidden_layers=args.layers,
