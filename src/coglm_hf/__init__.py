@@ -4,11 +4,14 @@ Importing the package registers the CogLM models with the Transformers Auto clas
 ``AutoModel.from_pretrained(dir)`` works without ``trust_remote_code`` once coglm_hf is installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from .attention_masks import masked_regions_mask
 from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
+from .conversion_icetk import convert_icetk
+from .image_processing_icevq import IceVQImageProcessor
 from .modeling_coglm import CogLMForMaskedRegions, CogLMModel, CogLMPreTrainedModel
+from .modeling_icevq import IceVQModel
 from .sampling import (
     LOPAR_ORDER_MATRIX,
     LOPAR_TOP_K,
@@ -18,6 +21,7 @@ from .sampling import (
     top_k_sample,
 )
 from .scheduling_cogview2 import CogView2Scheduler
+from .tokenization_coglm import STYLE_TEMPLATES, CogLMTokenizer
 
 __version__ = "0.1.0"
 
@@ -26,8 +30,14 @@ AutoConfig.register(CogLMDirectSRConfig.model_type, CogLMDirectSRConfig, exist_o
 AutoConfig.register(CogLMIterativeSRConfig.model_type, CogLMIterativeSRConfig, exist_ok=True)
 AutoModel.register(CogLMConfig, CogLMModel, exist_ok=True)
 AutoModelForMaskedLM.register(CogLMConfig, CogLMForMaskedRegions, exist_ok=True)
+AutoTokenizer.register(CogLMConfig, fast_tokenizer_class=CogLMTokenizer, exist_ok=True)
 
 __all__ = [
+    "STYLE_TEMPLATES",
+    "CogLMTokenizer",
+    "IceVQImageProcessor",
+    "IceVQModel",
+    "convert_icetk",
     "LOPAR_ORDER_MATRIX",
     "LOPAR_TOP_K",
     "ClusterSamplingLogitsProcessor",
