@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .convert_sat import atomic_output_dir
 from .modeling_icevq import IceVQModel
 from .scheduling_cogview2 import CogView2Scheduler
 from .tokenization_coglm import CogLMTokenizer
@@ -215,28 +214,10 @@ def convert_icetk(
     scheduler = CogView2Scheduler(cluster_labels=labels)
 
     # 2. write into a temporary sibling folder, then move it into place
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp creates 0700
-    try:
+    with atomic_output_dir(output_dir, overwrite) as staging:
         tokenizer.save_pretrained(staging / "tokenizer")
         image_tokenizer.save_pretrained(staging / "image_tokenizer", safe_serialization=True)
         scheduler.save_pretrained(staging / "scheduler")
-        if output_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
-            os.replace(output_dir, retired / output_dir.name)
-            try:
-                os.replace(staging, output_dir)
-            except BaseException:
-                os.replace(retired / output_dir.name, output_dir)
-                shutil.rmtree(retired)
-                raise
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

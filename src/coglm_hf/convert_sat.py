@@ -220,6 +220,7 @@ def atomic_output_dir(output_dir: Path, overwrite: bool):
                 raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
             output_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+            self.tmp.chmod(0o755)  # mkdtemp creates 0700; the result is an ordinary, shareable folder
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
