@@ -131,7 +131,14 @@ class CogLMAttention(nn.Module):
         query, key, value = self.project_qkv(hidden_states)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+        output, weights = self.attend(query, key, value, attention_mask, **kwargs)
+        return self.dense(output), weights
 
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense attention through the configured implementation; ``[batch, heads, q, d]`` inputs →
+        ``([batch, q, hidden], weights)``. The query is scaled before the product, as in the official code."""
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -145,8 +152,7 @@ class CogLMAttention(nn.Module):
             scaling=1.0,
             **kwargs,
         )
-        output = output.reshape(*hidden_states.shape[:-1], -1)
-        return self.dense(output), weights
+        return output.reshape(*output.shape[:2], -1), weights
 
 
 class CogLMMLP(nn.Module):
@@ -232,19 +238,32 @@ def broadcast_prompt_cache(cache: Cache, batch_size: int) -> Cache:
     return cache
 
 
-def _flex_mask_and_bias(visible: torch.Tensor, bias: torch.Tensor, num_heads: int) -> tuple[object, dict]:
-    """``BlockMask`` from a bool ``[batch, q, k]`` visibility and the ``[batch, 1, k]`` text bias as a
-    ``position_bias`` view ``[batch, heads, q, k]`` (Transformers' flex path adds it inside its score_mod)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def format_attention_mask(
+    visible: torch.Tensor, bias: torch.Tensor | None, config: CogLMConfig, dtype: torch.dtype
+) -> tuple[object, dict]:
+    """Turn a bool visibility ``[batch, q, k]`` (True = may attend) and an optional additive key bias
+    ``[batch, 1, k]`` into the mask format of ``config._attn_implementation`` plus extra attention kwargs.
 
+    ``eager``/``sdpa``: one additive mask ``[batch, 1, q, k]`` — the bias on visible keys, the dtype's minimum on
+    hidden ones (the official −10000 fill and −inf give the same softmax when a row sees any key).
+    ``flex_attention``: a ``BlockMask`` (fully hidden blocks are skipped) and the bias as ``position_bias``
+    ``[batch, heads, q, k]`` (a broadcast view).
+    """
     batch, query_length, kv_length = visible.shape
+    if config._attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return visible[b, q_idx, kv_idx]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return visible[b, q_idx, kv_idx]
 
-    block_mask = create_block_mask(mask_mod, batch, None, query_length, kv_length, device=visible.device)
-    position_bias = bias[:, None].expand(batch, num_heads, query_length, kv_length)
-    return block_mask, {"position_bias": position_bias}
+        block_mask = create_block_mask(mask_mod, batch, None, query_length, kv_length, device=visible.device)
+        extra = {}
+        if bias is not None:
+            extra["position_bias"] = bias[:, None].expand(batch, config.num_attention_heads, query_length, kv_length)
+        return block_mask, extra
+    shown = torch.zeros((), dtype=dtype, device=visible.device) if bias is None else bias.to(dtype)
+    hidden = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=visible.device)
+    return torch.where(visible, shown, hidden)[:, None], {}
 
 
 def _cache_batch_size(cache: Cache) -> int | None:
@@ -339,12 +358,8 @@ class CogLMModel(CogLMPreTrainedModel):
         text_keys: torch.Tensor,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, dict]:
-        """The attention mask in the format of the attention implementation, plus extra attention kwargs.
-
-        ``eager``/``sdpa``: an additive mask ``[batch, 1, q, kv_length]`` — ``c`` on visible text keys, 0 on other
-        visible keys, the dtype's minimum on hidden ones (the official −10000 fill and −inf give identical softmax
-        outputs). ``flex_attention``: a ``BlockMask`` (hidden blocks are skipped) and the text bias as
-        ``position_bias``.
+        """The attention mask (see :func:`format_attention_mask`) with ``c`` on visible text keys, plus extra
+        attention kwargs.
 
         Visibility: an explicit 0/1 ``attention_mask`` (``[batch, q, k]`` or ``[batch, 1, q, k]``; batch may be 1),
         else Eq. 1 from ``mask_regions``, else causal; a 2D ``[batch, k]`` mask marks padded keys (HF convention).
@@ -390,10 +405,7 @@ class CogLMModel(CogLMPreTrainedModel):
             visible = F.pad(visible, (0, kv_length - total_length), value=False)
             text_keys = F.pad(text_keys, (0, kv_length - total_length), value=False)
         bias = text_keys[:, None, :].to(dtype) * text_attention_bias
-        if self.config._attn_implementation == "flex_attention":
-            return _flex_mask_and_bias(visible, bias, self.config.num_attention_heads)
-        hidden = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-        return torch.where(visible, bias, hidden)[:, None], {}
+        return format_attention_mask(visible, bias, self.config, dtype)
 
     # ----------------------------------------------------------------------------------------------- forward
     def run_layers(
@@ -688,5 +700,6 @@ __all__ = [
     "CogLMOutput",
     "CogLMPreTrainedModel",
     "broadcast_prompt_cache",
+    "format_attention_mask",
     "region_next_token_loss",
 ]

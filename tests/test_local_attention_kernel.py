@@ -1,0 +1,169 @@
+"""The fused kernel of hub_kernels/cogview2-local-attention: local build, loading through `kernels`, numerics.
+
+The kernel is built once per module with ``build_local.py`` in a subprocess (CPU variant on a CPU torch build,
+CUDA variant on a CUDA build; ~40-65 s on 2 cores, hence ``slow``), unless ``COGLM_LOCAL_ATTENTION_KERNEL_PATH``
+already points at a built kernel directory. Nothing touches the network (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coglm_hf import local_attention as la
+from coglm_hf.local_attention import local_attention_2d, local_attention_2d_reference, set_local_attention_backend
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_local_attention import CASES, TOLERANCES, _make, _reference_f64, _run, _to_device  # noqa: E402
+
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "hub_kernels" / "cogview2-local-attention"
+REPO_ID = "coglm/cogview2-local-attention"
+BACKEND = "cuda" if torch.version.cuda else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.slow
+
+
+def _variant_name() -> str:
+    spec = importlib.util.spec_from_file_location("build_local", KERNEL_DIR / "build_local.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.variant_name(BACKEND)
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory) -> Path:
+    prebuilt = os.environ.get(la.KERNEL_PATH_ENV)
+    if prebuilt and (Path(prebuilt) / "build" / _variant_name()).is_dir():
+        return Path(prebuilt)
+    if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
+        pytest.skip("building the kernel needs ninja (pip install ninja) and a C++ compiler")
+    if BACKEND == "cuda" and shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("building the CUDA kernel needs nvcc")
+    root = tmp_path_factory.mktemp("kernel")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(KERNEL_DIR / "build_local.py"), "--backend", BACKEND, "--out", str(root / "build")],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def kernel(kernel_dir):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    previous = dict(la._state)
+    module = la.load_local_attention_kernel(kernel_dir)
+    yield module
+    la._state.update(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = la.get_local_attention_backend()
+    yield
+    la._state["backend"] = previous
+
+
+def test_variant_layout_and_metadata(kernel_dir):
+    variant = kernel_dir / "build" / _variant_name()
+    metadata = json.loads((variant / "metadata.json").read_text())
+    assert metadata["name"] == "cogview2-local-attention" and metadata["python-depends"] == []
+    assert metadata["backend"]["type"] == BACKEND and metadata["id"].startswith(f"_cogview2_local_attention_{BACKEND}_")
+    assert (variant / f"{metadata['id']}.so").is_file() and (variant / "_ops.py").is_file()
+    assert not list((kernel_dir / "build").glob(".staging_*"))
+
+
+def test_loading_routes(kernel, kernel_dir, monkeypatch):
+    """get_local_kernel(path) and get_kernel(repo_id, revision) through LOCAL_KERNELS give the same module."""
+    assert DEVICE in kernel.SUPPORTED_DEVICES
+    monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={kernel_dir}")
+    monkeypatch.setitem(la._state, "kernel", None)
+    assert la.load_local_attention_kernel(repo_id=REPO_ID, revision="v1") is kernel
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference_float32(kernel, case):
+    set_local_attention_backend("kernel")
+    tensors, kwargs = _to_device(*_make(case, torch.float32, dim=64), DEVICE)
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = _run(local_attention_2d, tensors, kwargs, grad_out)
+    assert "cogview2_local_attention" in out.grad_fn.name()  # the fused op ran
+    ref, ref_grads = _run(_reference_f64, tensors, kwargs, grad_out)
+    torch.testing.assert_close(out.double(), ref.double(), rtol=0, atol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["causal_17x9_border", "dsr_like_cross_x3", "all_sets_causal"])
+def test_kernel_half_precision(kernel, case, dtype):
+    set_local_attention_backend("kernel")
+    tensors, kwargs = _to_device(*_make(case, dtype, dim=64), DEVICE)
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = _run(local_attention_2d, tensors, kwargs, grad_out)
+    ref, ref_grads = _run(_reference_f64, tensors, kwargs, grad_out)
+    tol = TOLERANCES[dtype]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref.double(), rtol=0, atol=tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=0, atol=4 * tol)
+
+
+def test_auto_backend_uses_configured_kernel(kernel, kernel_dir, monkeypatch):
+    monkeypatch.setitem(la._state, "kernel", None)
+    monkeypatch.setitem(la._state, "kernel_error", None)
+    monkeypatch.setenv(la.KERNEL_PATH_ENV, str(kernel_dir))
+    set_local_attention_backend("auto")
+    tensors, kwargs = _to_device(*_make("itersr_like_global", torch.float32, dim=64), DEVICE)
+    out = local_attention_2d(*tensors[:3], **kwargs)
+    assert "cogview2_local_attention" in out.grad_fn.name()
+    # float64 is not a kernel dtype: auto falls back to the PyTorch path.
+    tensors64, kwargs64 = _to_device(*_make("itersr_like_global", torch.float64, dim=64), DEVICE)
+    out64 = local_attention_2d(*tensors64[:3], **kwargs64)
+    assert "cogview2_local_attention" not in out64.grad_fn.name()
+
+
+def test_kernel_under_torch_compile_fullgraph(kernel):
+    set_local_attention_backend("kernel")
+    tensors, kwargs = _to_device(*_make("all_sets_causal", torch.float32, dim=64), DEVICE)
+    compiled = torch.compile(lambda q, k, v: local_attention_2d(q, k, v, **kwargs), fullgraph=True)
+    grad_out = torch.randn_like(tensors[0])
+    out = compiled(*tensors[:3])
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    ref = local_attention_2d_reference(*tensors[:3], **kwargs, compute_dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, tensors, grad_out)
+    torch.testing.assert_close(out.double(), ref.double(), rtol=0, atol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=0, atol=5e-5)
+
+
+@pytest.mark.gpu
+def test_kernel_real_shape_bf16_48_heads(kernel):
+    """The SR shape on the GPU: 60x60, 9x5 + 5x5 cross window on 20x20 + 16 text keys, 48 heads, bf16."""
+    set_local_attention_backend("kernel")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device="cuda", dtype=torch.bfloat16).requires_grad_()
+
+    q, k, v = (randn(2, 48, 3600, 64) for _ in range(3))
+    ck, cv, gk, gv = randn(1, 48, 400, 64), randn(1, 48, 400, 64), randn(2, 48, 16, 64), randn(2, 48, 16, 64)
+    mask = torch.arange(16, device="cuda")[None] >= torch.tensor([[3], [12]], device="cuda")
+    kwargs = dict(grid=(60, 60), window=(9, 5), cross_key=ck, cross_value=cv, cross_grid=(20, 20), cross_window=5,
+                  global_key=gk, global_value=gv, global_key_mask=mask)  # fmt: skip
+    grad_out = torch.randn_like(q)
+    out, grads = _run(local_attention_2d, [q, k, v, ck, cv, gk, gv], kwargs, grad_out)
+    ref, ref_grads = _run(local_attention_2d_reference, [q, k, v, ck, cv, gk, gv], kwargs, grad_out)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=3e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=1.5e-1)
