@@ -102,10 +102,12 @@ def _check_vocab(vocab: int, num_image_tokens: int) -> None:
         )
 
 
-def _cluster_members(labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_members(labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of each cluster, padded: `members` [C, S] (ascending ids, padding 0) and `valid` [C, S] bool.
 
     Sampling inside a cluster then only touches its S ≤ max cluster size tokens instead of the whole vocabulary.
+    Callers that sample many times with one table (the scheduler) compute this once and pass it to
+    :func:`cluster_sample` as ``members``.
     """
     sizes = torch.bincount(labels, minlength=num_clusters)
     order = torch.argsort(labels, stable=True)  # grouped by cluster, ascending token id inside a cluster
@@ -145,6 +147,7 @@ def cluster_sample(
     cluster_temperature: float = 1.0,
     num_clusters: int | None = None,
     generator: torch.Generator | None = None,
+    members: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.LongTensor:
     r"""Cluster sampling of CogView2 stage 1 and direct super-resolution (reference §3.4), for every position at once.
 
@@ -169,6 +172,7 @@ def cluster_sample(
             `temperature`; 0 means argmax.
         num_clusters: number of clusters; defaults to `max(cluster_labels) + 1`.
         generator: source of randomness, on the device of `logits`.
+        members: the precomputed :func:`cluster_members` of `cluster_labels` (saves recomputing it per call).
 
     Returns:
         `LongTensor` of shape `logits.shape[:-1]` with image token ids in `[0, V_img)`.
@@ -185,7 +189,7 @@ def cluster_sample(
     tempered = raw / temperature
     cluster = _select_clusters(tempered, labels, num_clusters, top_k_clusters, generator)
 
-    members, valid = _cluster_members(labels, num_clusters)
+    members, valid = cluster_members(labels, num_clusters) if members is None else members
     candidates = members[cluster]  # [R, S] token ids of the chosen cluster of each row
     outside = ~valid[cluster]
     if cluster_temperature == 0:

@@ -23,6 +23,7 @@ from .sampling import (
     _check_positive_int,
     _check_temperature,
     _prepare_cluster_labels,
+    cluster_members,
     cluster_sample,
     lopar_num_passes,
     lopar_regeneration_mask,
@@ -127,6 +128,7 @@ class CogView2Scheduler(SchedulerMixin, ConfigMixin):
         )
         self.cluster_labels: torch.LongTensor | None = None
         self._labels_on_device: torch.LongTensor | None = None
+        self._members_on_device: tuple[torch.Tensor, torch.Tensor] | None = None
         if cluster_labels is not None:
             self.set_cluster_labels(cluster_labels, num_clusters)
 
@@ -141,6 +143,7 @@ class CogView2Scheduler(SchedulerMixin, ConfigMixin):
         labels, num_clusters = _prepare_cluster_labels(labels, num_clusters, "cpu")
         self.cluster_labels = labels
         self._labels_on_device = None
+        self._members_on_device = None
         self.register_to_config(cluster_labels=labels.tolist(), num_clusters=num_clusters)
 
     @property
@@ -209,6 +212,7 @@ class CogView2Scheduler(SchedulerMixin, ConfigMixin):
             )
         if self._labels_on_device is None or self._labels_on_device.device != device:
             self._labels_on_device = self.cluster_labels.to(device)
+            self._members_on_device = cluster_members(self._labels_on_device, self.config.num_clusters)
         return self._labels_on_device
 
     # ------------------------------------------------------------------------------------------------------ stages
@@ -233,6 +237,7 @@ class CogView2Scheduler(SchedulerMixin, ConfigMixin):
             cluster_temperature=self.config.cluster_temperature if cluster_temperature is None else cluster_temperature,
             num_clusters=self.config.num_clusters,
             generator=generator,
+            members=self._members_on_device,
         )
 
     def sample_dsr(
@@ -257,6 +262,7 @@ class CogView2Scheduler(SchedulerMixin, ConfigMixin):
             ),
             num_clusters=self.config.num_clusters,
             generator=generator,
+            members=self._members_on_device,
         )
 
     def lopar_passes(
