@@ -107,8 +107,10 @@ def test_errors(model_dir, tmp_path, capsys):
     for argv, message in cases:
         code, _, err = run(argv, capsys)
         assert code == 1 and message in err, (argv, err)
+    code, _, err = run(["generate", "--model", model_dir], capsys)  # no prompt at all
+    assert code == 1 and "give at least one prompt" in err
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--model", str(model_dir)])  # --prompt is required
+        main(["generate", "--model", str(model_dir), "--num-images", "two", "a cat"])
     assert exit_info.value.code == 2
 
 

@@ -1,11 +1,14 @@
 """`coglm-hf`: generate images, edit images and convert the official CogView2 files from the command line.
 
+    coglm-hf generate "a red circle on a blue background"          # the embedded demo model, seconds on a CPU
     coglm-hf generate --model converted/cogview2 --prompt "a tiger wearing VR glasses" --num-images 4 --grid
     coglm-hf edit --model converted/cogview2 --image photo.png --box 0.3,0.3,0.7,0.7 --prompt "a red hat"
     coglm-hf convert --sat-dir ~/.sat_models --cluster-labels cluster_label.npy \\
         --text-model ice_text.model --image-model ice_image.pt --output converted/cogview2
 
-Start with `convert` (once), then `generate` or `edit`. Run `coglm-hf <command> --help` for every option.
+Without --model, `generate`, `edit` and `evaluate` use the small demo model shipped inside the package (trained by
+this project on a procedural world of coloured shapes). For the real CogView2, `convert` the official files once, then
+pass --model. Run `coglm-hf <command> --help` for every option.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ tokenizer (prompt ids only); without --image-model it has no image tokenizer (to
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="converted pipeline folder (written by `coglm-hf convert` or save_pretrained)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="converted pipeline folder (written by `coglm-hf convert` or save_pretrained); default: "
+                             "the embedded demo model (shapes world)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coglm-hf", description=__doc__.strip().replace("`coglm-hf`: generate", "Generate"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,convert}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,convert,evaluate}")
 
     generate = commands.add_parser(
         "generate", help="text → 480x480 images", epilog=GENERATE_EPILOG,
@@ -97,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_argument(generate)
-    generate.add_argument("--prompt", action="append", required=True,
-                          help="what to draw (English or Chinese); repeat the option for several prompts")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT", help="what to draw (English or Chinese)")
+    generate.add_argument("--prompt", action="append", default=[],
+                          help="what to draw (same as a positional PROMPT); repeat the option for several prompts")
     generate.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
     generate.add_argument("--num-candidates", type=int, default=None,
                           help="generate this many first-stage candidates per prompt and keep the --num-images "
@@ -145,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     convert.add_argument("--no-deduplicate", action="store_true",
                          help="write tensors shared by several models once per model instead of once in all")
+    evaluate = commands.add_parser(
+        "evaluate", help="prompt adherence of a shapes-world model (the demo) with a deterministic judge",
+        description="Generate images for held-out prompts of the procedural shapes world and judge whether the\n"
+                    "right shapes and colours are present: stage 1 alone and the full pipeline, with and without\n"
+                    "cluster sampling, text up-weighting and post-selection. Prints a table with the chance level.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .demo.evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(evaluate)
     return parser
 
 
@@ -170,7 +185,11 @@ def _load(pipeline_cls, args: argparse.Namespace):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    if not Path(args.model).is_dir():
+    if args.model is None:
+        from .demo import default_model_path
+
+        args.model = str(default_model_path())
+    elif not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model} is not a folder; convert the official files first with "
                                 "`coglm-hf convert`")
     pipe = pipeline_cls.from_pretrained(args.model, dtype=dtype)
@@ -218,6 +237,9 @@ def _save_images(images: list[PIL.Image.Image], names: list[str], args: argparse
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from .pipeline_cogview2 import CogView2Pipeline
 
+    args.prompt = list(args.prompts) + list(args.prompt)
+    if not args.prompt:
+        raise ValueError('give at least one prompt, e.g. coglm-hf generate "a red circle on a blue background"')
     pipe, generator = _load(CogView2Pipeline, args)
     output = pipe(
         prompt=args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.num_candidates,
@@ -264,7 +286,14 @@ def run_convert(args: argparse.Namespace) -> list[Path]:
     return [output]
 
 
-COMMANDS = {"generate": run_generate, "edit": run_edit, "convert": run_convert}
+def run_evaluate(args: argparse.Namespace) -> list[Path]:
+    from .demo.evaluate import run_evaluate as evaluate_demo
+
+    evaluate_demo(args)
+    return [Path(path) for path in (args.grid, args.json) if path]
+
+
+COMMANDS = {"generate": run_generate, "edit": run_edit, "convert": run_convert, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

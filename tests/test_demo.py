@@ -1,0 +1,163 @@
+"""The embedded demo: the shapes world, its judge, and the shipped model trained on it."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from coglm_hf.demo import default_model_path
+from coglm_hf.demo.evaluate import chance_row, generate
+from coglm_hf.demo.judge import judge, judge_scene
+from coglm_hf.demo.shapes import (
+    HIRES_SIZE,
+    LOWRES_SIZE,
+    ShapesDataset,
+    caption_en,
+    heldout_prompts,
+    is_held_out,
+    render,
+)
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+def test_dataset_is_a_pure_function_of_seed_and_index():
+    first, second = ShapesDataset(seed=3), ShapesDataset(seed=3)
+    for index in (0, 7, 12345):
+        a, b = first[index], second[index]
+        assert a == b
+        assert np.array_equal(np.asarray(a.image(LOWRES_SIZE)), np.asarray(b.image(LOWRES_SIZE)))
+    assert [s.caption_en for s in ShapesDataset(seed=4, length=5)] != [s.caption_en for s in ShapesDataset(3, length=5)]
+
+
+def test_scenes_and_captions_are_consistent():
+    for sample in ShapesDataset(seed=0, length=40):
+        scene = sample.scene
+        assert 1 <= len(scene.shapes) <= 3
+        colors = [s.color for s in scene.shapes]
+        assert len(set(colors)) == len(colors) and scene.background not in colors
+        for shape in scene.shapes:
+            assert shape.color in sample.caption_en and shape.kind in sample.caption_en
+        assert scene.background in sample.caption_en
+        assert "背景" in sample.caption_zh
+    image = ShapesDataset(seed=0)[0].image()
+    assert image.size == (HIRES_SIZE, HIRES_SIZE)
+
+
+def test_split_never_leaks_held_out_keys():
+    train = ShapesDataset(seed=1, split="train")
+    heldout = ShapesDataset(seed=1, split="heldout")
+    assert not any(is_held_out(train[i].scene.key) for i in range(300))
+    assert all(is_held_out(heldout[i].scene.key) for i in range(50))
+    prompts = heldout_prompts(12)
+    assert len({p.scene.key for p in prompts}) == 12
+
+
+def test_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset(split="test")
+    with pytest.raises(IndexError):
+        ShapesDataset()[-1]
+    with pytest.raises(ValueError, match="size"):
+        render(ShapesDataset()[0].scene, size=0)
+
+
+# ------------------------------------------------------------------------------------------------ judge
+@pytest.mark.parametrize("size", [LOWRES_SIZE, HIRES_SIZE])
+def test_judge_is_accurate_on_ground_truth(size):
+    dataset = ShapesDataset(seed=11, split="all")
+    verdicts = [judge_scene(judge(dataset[i].image(size)), dataset[i].scene) for i in range(120)]
+    accuracy = np.mean([v.adherence for v in verdicts])
+    relations = [v.relation for v in verdicts if v.relation is not None]
+    print(f"judge on ground truth at {size}px: adherence {accuracy:.3f}, relation {np.mean(relations):.3f}")
+    assert accuracy >= 0.98
+    assert np.mean(relations) >= 0.98
+
+
+def test_judge_rejects_other_prompts():
+    dataset = ShapesDataset(seed=12, split="all")
+    wrong = 0
+    for i in range(60):
+        image, other = dataset[i].image(LOWRES_SIZE), dataset[i + 1000].scene
+        wrong += judge_scene(judge(image), other).adherence
+    assert wrong <= 3  # only when the other scene happens to be satisfied by this image
+
+
+def test_judge_accepts_arrays_and_rejects_bad_shapes():
+    image = ShapesDataset(seed=2)[0].image(LOWRES_SIZE)
+    array = np.asarray(image)
+    assert judge(array) == judge(image) == judge(array.transpose(2, 0, 1).astype(np.float32) / 255.0)
+    with pytest.raises(ValueError, match="RGB"):
+        judge(np.zeros((8, 8)))
+
+
+# ------------------------------------------------------------------------------------------------ shipped model
+@pytest.fixture(scope="module")
+def demo_pipeline():
+    from coglm_hf.pipeline_cogview2 import CogView2Pipeline
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    pipeline = CogView2Pipeline.from_pretrained(default_model_path())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_shipped_weights_are_small_safetensors():
+    folder = default_model_path()
+    weights = list(folder.rglob("*.safetensors"))
+    assert weights and not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+    assert sum(f.stat().st_size for f in weights) <= 30 * 2**20
+
+
+def _verdicts(pipeline, prompts, images_per_prompt, **kwargs):
+    texts = [caption_en(p.scene, random.Random(0)) for p in prompts]
+    images = generate(pipeline, texts, images_per_prompt=images_per_prompt, seed=0, **kwargs)
+    scenes = [p.scene for p in prompts for _ in range(images_per_prompt)]
+    return images, [judge_scene(judge(image), scene) for image, scene in zip(images, scenes)]
+
+
+def test_demo_model_follows_held_out_prompts_above_chance(demo_pipeline):
+    prompts = heldout_prompts(10)
+    _, verdicts = _verdicts(demo_pipeline, prompts, 2, only_first_stage=True)
+    background, colors = (np.mean([getattr(v, k) for v in verdicts]) for k in ("background", "colors"))
+    chance = chance_row(prompts, num_scenes=70)
+    chance_background = 1 / 7  # the background is one of seven colours
+    print(f"held-out stage 1: background {background:.2f} (chance {chance_background:.2f}), colours {colors:.2f} "
+          f"(chance {chance.colors:.3f}), adherence {np.mean([v.adherence for v in verdicts]):.2f} "
+          f"(chance {chance.adherence:.3f})")
+    assert background >= chance_background + 0.4
+    assert colors > 2 * chance.colors
+
+
+def test_demo_model_full_pipeline_writes_a_recognisable_image(demo_pipeline):
+    images, verdicts = _verdicts(demo_pipeline, heldout_prompts(8), 1)
+    assert all(image.size == (HIRES_SIZE, HIRES_SIZE) for image in images)
+    right = sum(v.background for v in verdicts)
+    print(f"full pipeline, 8 held-out prompts: background right in {right}, colours right in "
+          f"{sum(v.colors for v in verdicts)}")
+    assert right >= 5  # chance: 1 in 7 per image, P(>= 5 of 8) < 0.2 %
+
+
+# ------------------------------------------------------------------------------------------------ training pieces
+def test_demo_text_tokenizer_orders_english_pieces_first(tmp_path):
+    from coglm_hf.demo.train_demo import VQ_CODES, train_text_tokenizer
+    from coglm_hf.tokenization_coglm import CogLMTokenizer
+    from coglm_hf.training.collators import language_token_id
+
+    chinese_piece_start = train_text_tokenizer(tmp_path, num_captions=400, vocab_size=120)
+    tokenizer = CogLMTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.text_token_offset == VQ_CODES
+
+    class Ids:  # the two fields language_token_id reads
+        text_token_offset = tokenizer.text_token_offset
+        start_of_english_token_id = tokenizer.start_of_english_token_id
+        start_of_chinese_token_id = tokenizer.start_of_chinese_token_id
+
+    for sample in ShapesDataset(seed=5, length=20):
+        english = tokenizer.encode(sample.caption_en, add_special_tokens=False)
+        chinese = tokenizer.encode(sample.caption_zh, add_special_tokens=False)
+        assert tokenizer.decode(english).strip() == sample.caption_en
+        assert language_token_id(english, Ids, chinese_piece_start) == tokenizer.start_of_english_token_id
+        assert language_token_id(chinese, Ids, chinese_piece_start) == tokenizer.start_of_chinese_token_id
