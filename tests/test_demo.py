@@ -161,3 +161,17 @@ def test_demo_text_tokenizer_orders_english_pieces_first(tmp_path):
         assert tokenizer.decode(english).strip() == sample.caption_en
         assert language_token_id(english, Ids, chinese_piece_start) == tokenizer.start_of_english_token_id
         assert language_token_id(chinese, Ids, chinese_piece_start) == tokenizer.start_of_chinese_token_id
+
+
+def test_shipped_remote_code_matches_the_package_source():
+    """The demo folder carries copies of our modules (remote code); they must not drift from the source."""
+    from pathlib import Path
+
+    import coglm_hf
+    from coglm_hf.demo import WEIGHTS_DIR
+
+    package = Path(coglm_hf.__file__).parent
+    copies = [p for p in WEIGHTS_DIR.rglob("*.py") if not p.name.startswith("remote_")]
+    assert copies
+    stale = [str(p.relative_to(WEIGHTS_DIR)) for p in copies if p.read_text() != (package / p.name).read_text()]
+    assert not stale, f"re-save the demo pipeline (save_pretrained) to refresh: {stale}"
