@@ -32,7 +32,6 @@ from .attention_masks import (
     caption_scoring_position_ids,
     caption_scoring_regions,
     masked_regions_loss_mask,
-    validate_regions,
 )
 from .configuration_coglm import CogLMConfig
 
@@ -680,7 +679,6 @@ class CogLMForMaskedRegions(CogLMPreTrainedModel, GenerationMixin):
         input_ids = torch.cat([image_tokens, tags, padded], dim=1)
         position_ids = caption_scoring_position_ids(num_image, caption_length, config.boi_position_id).to(device)
         regions = [caption_scoring_regions(num_image, caption_length)] * batch
-        validate_regions(input_ids.shape[1], regions[0])
         hidden = self.transformer(
             input_ids, position_ids=position_ids, mask_regions=regions, text_attention_bias=0.0, use_cache=False
         ).last_hidden_state
