@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
+from .configuration_coglm import CogLMDirectSRConfig, CogLMIterativeSRConfig
 from .local_attention import local_attention_2d
-from .modeling_coglm import CogLMAttention, CogLMModel, CogLMPreTrainedModel, format_attention_mask
+from .modeling_coglm import CogLMAttention, CogLMWithTiedHead, format_attention_mask
 
 IGNORE_INDEX = -100
 
@@ -264,31 +264,12 @@ class CogLMIterativeSRAttention(CogLMAttention):
 
 
 # ------------------------------------------------------------------------------------------------------ models
-class CogLMSuperResolutionPreTrainedModel(CogLMPreTrainedModel):
+class CogLMSuperResolutionPreTrainedModel(CogLMWithTiedHead):
     """Shared head of the two SR models: the tied output head restricted to image ids, the loss, the layout run."""
 
-    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     _auto_class = "AutoModel"
     # forward sums the loss and divides by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation)
     accepts_loss_kwargs = True
-    attention_class: type[nn.Module]
-
-    def __init__(self, config: CogLMConfig):
-        super().__init__(config)
-        self.transformer = CogLMModel(config, attention_class=self.attention_class)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.word_embeddings
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def image_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Logits over the image ids only, in fp32 (as the official code): ``[..., num_image_tokens]``."""
-        weight = self.lm_head.weight[: self.config.num_image_tokens]
-        return F.linear(hidden_states.float(), weight.float())
 
     def attention_kwargs(self, layout: SuperResolutionLayout, dtype: torch.dtype) -> dict:
         """Keyword arguments of the attention modules for ``layout`` (masks); defined by each SR model."""

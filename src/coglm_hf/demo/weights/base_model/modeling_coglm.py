@@ -540,15 +540,16 @@ def region_next_token_loss(
     return loss / num_items_in_batch
 
 
-class CogLMForMaskedRegions(CogLMPreTrainedModel, GenerationMixin):
-    """CogLM with the tied output head: stage-1 generation, caption scoring and CogLM training (Eq. 1 / Eq. 2)."""
+class CogLMWithTiedHead(CogLMPreTrainedModel):
+    """The CogLM transformer (built with ``attention_class``) plus the output head tied to the word embedding; the
+    base of every CogView2 stage."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
-    _auto_class = "AutoModelForMaskedLM"
+    attention_class: type[nn.Module] = CogLMAttention
 
     def __init__(self, config: CogLMConfig):
         super().__init__(config)
-        self.transformer = CogLMModel(config)
+        self.transformer = CogLMModel(config, attention_class=self.attention_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -562,6 +563,12 @@ class CogLMForMaskedRegions(CogLMPreTrainedModel, GenerationMixin):
         """Logits over the image ids only, in fp32 (as the official code): ``[..., num_image_tokens]``."""
         weight = self.lm_head.weight[: self.config.num_image_tokens]
         return F.linear(hidden_states.float(), weight.float())
+
+
+class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
+    """CogLM with the tied output head: stage-1 generation, caption scoring and CogLM training (Eq. 1 / Eq. 2)."""
+
+    _auto_class = "AutoModelForMaskedLM"
 
     def forward(
         self,
@@ -697,6 +704,7 @@ __all__ = [
     "CogLMModelOutput",
     "CogLMOutput",
     "CogLMPreTrainedModel",
+    "CogLMWithTiedHead",
     "broadcast_prompt_cache",
     "format_attention_mask",
     "region_next_token_loss",
