@@ -14,10 +14,10 @@ Steps (each resumable: a finished step leaves its folder in `--work-dir` and is 
    (`coglm_hf.training.train.run`) on the cached tokens; both SR models start from the base weights.
 5. `--output`: the pipeline folder (`CogView2Pipeline.save_pretrained`), safetensors only.
 
-Every random choice is seeded; with the same torch build the run is reproducible. About 1.5 h on a shared 2-core
-machine in one process; run `--only dsr` and `--only itersr` as two processes after `--only base` for about an
-hour. `--threads` sets torch's intra-op threads (1 by default: on a busy machine two threads spin at barriers and
-were ~10x slower). Measured times and losses: docs/demo.md.
+Every random choice is seeded; with the same torch build the run is reproducible. The two SR stages train in two
+processes (one thread each) unless `--no-parallel-sr`. `--threads` sets torch's intra-op threads for the other
+steps: 1 by default (on a busy machine two threads spin at barriers and were ~10x slower), 2 on a quiet 2-core
+machine (the base stage runs ~1.5x faster). Measured times and losses: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import json
 import logging
 import math
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +38,17 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling_icevq import IceVQModel
-from .shapes import HIRES_SIZE, LOWRES_SIZE, ShapesDataset, image_to_array, random_scene, render
+from .shapes import (
+    COLORS_ZH,
+    HIRES_SIZE,
+    LOWRES_SIZE,
+    RELATIONS_ZH,
+    SHAPES_ZH,
+    ShapesDataset,
+    image_to_array,
+    random_scene,
+    render,
+)
 
 VQ_CODES = 1024
 VQ_CLUSTERS = 32
@@ -115,16 +127,35 @@ def _fields(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+# sentencepiece piece types that hold text: NORMAL and USER_DEFINED (the world's words, see `world_words`)
+TEXT_PIECE_KINDS = (1, 4)
+
+
+def world_words(english_captions: list[str]) -> list[str]:
+    """Every word of the shapes world, as sentencepiece user-defined pieces: "▁purple", "▁background", "紫色", ….
+
+    A unigram model trained on a few dozen template words with a vocabulary this small splits many of them into
+    letters ("▁bl", "u", "e"), and a 3-layer model then has to learn to spell colours before binding them.
+    Whole-word pieces keep captions short (at most 19 pieces) and one piece per colour or shape. The English
+    words come from the captions; the Chinese ones are the templates' colour, shape, relation and style words.
+    """
+    english = sorted({word.strip(",") for caption in english_captions for word in caption.split() if word.isascii()})
+    chinese = sorted({*COLORS_ZH.values(), *SHAPES_ZH.values(), *RELATIONS_ZH.values(), "背景",
+                      *STYLE_SUFFIX.split()})
+    return ["▁" + word for word in english] + chinese
+
+
 def _is_chinese(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 def order_pieces_english_first(model_file: Path) -> int:
-    """Rewrite a sentencepiece model so that every normal piece with Chinese characters comes after the others.
+    """Rewrite a sentencepiece model so that every text piece with Chinese characters comes after the others.
 
     CogView2's collator tags a caption as English when all its piece ids are below `chinese_piece_start` (icetk's
     vocabulary is laid out that way); unigram scores, not ids, drive segmentation, so the order is free. Control
-    pieces keep their ids. Returns the id of the first Chinese piece (the collator's `chinese_piece_start`).
+    and unknown pieces keep their ids; normal and user-defined pieces are reordered. Returns the id of the first
+    Chinese piece (the collator's `chinese_piece_start`).
     """
     from ..tokenization_coglm import read_sentencepiece_model
 
@@ -132,7 +163,7 @@ def order_pieces_english_first(model_file: Path) -> int:
     fields = _fields(model_file.read_bytes())
     pieces = [raw for number, raw in fields if number == 1]
     others = [raw for number, raw in fields if number != 1]
-    normal = [i for i, (_, _, kind) in enumerate(spm["pieces"]) if kind == 1]
+    normal = [i for i, (_, _, kind) in enumerate(spm["pieces"]) if kind in TEXT_PIECE_KINDS]
     fixed = {i: pieces[i] for i in range(len(pieces)) if i not in normal}
     movable = [i for i in normal if not _is_chinese(spm["pieces"][i][0])] + [
         i for i in normal if _is_chinese(spm["pieces"][i][0])]
@@ -141,7 +172,7 @@ def order_pieces_english_first(model_file: Path) -> int:
         order.append(fixed[i] if i in fixed else pieces[next(queue)])
     model_file.write_bytes(b"".join(order) + b"".join(others))
     reread = read_sentencepiece_model(model_file)["pieces"]
-    return next(i for i, (piece, _, kind) in enumerate(reread) if kind == 1 and _is_chinese(piece))
+    return next(i for i, (piece, _, kind) in enumerate(reread) if kind in TEXT_PIECE_KINDS and _is_chinese(piece))
 
 
 def train_text_tokenizer(out_dir: Path, num_captions: int = 20000, vocab_size: int = 240, seed: int = 0) -> int:
@@ -156,18 +187,20 @@ def train_text_tokenizer(out_dir: Path, num_captions: int = 20000, vocab_size: i
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = ShapesDataset(seed, split="train", length=num_captions)
     rng = random.Random(f"tokenizer/{seed}")
-    lines = []
+    english, chinese = [], []
     for i in range(num_captions):
         sample = dataset[i]
-        lines.extend([styled_caption(sample.caption_en, rng), styled_caption(sample.caption_zh, rng)])
+        english.append(styled_caption(sample.caption_en, rng))
+        chinese.append(styled_caption(sample.caption_zh, rng))
+    lines = [line for pair in zip(english, chinese) for line in pair]
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "captions.txt"
         corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
         prefix = Path(tmp) / "shapes_text"
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
-            character_coverage=1.0, max_sentencepiece_length=4, hard_vocab_limit=False, pad_id=3, bos_id=-1, eos_id=-1, unk_id=0,
-            control_symbols=["<eos>"], num_threads=1, minloglevel=2,
+            character_coverage=1.0, hard_vocab_limit=False, pad_id=3, bos_id=-1, eos_id=-1, unk_id=0,
+            user_defined_symbols=world_words(english), control_symbols=["<eos>"], num_threads=1, minloglevel=2,
         )
         model_file = prefix.with_suffix(".model")
         chinese_piece_start = order_pieces_english_first(model_file)
@@ -288,9 +321,9 @@ def build_cache(cache_dir: Path, vq_dir: Path, tokenizer_dir: Path, num_samples:
 # --------------------------------------------------------------------------------------------- 4. CogLM stages
 
 # Sizes of the demo family: a 10x10 stage-1 grid (80 px), a 30x30 super-resolution grid (240 px).
-BACKBONE = {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 384,
+BACKBONE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
             "initializer_range": 0.02}
-MAX_TEXT = 64
+MAX_TEXT = 32  # captions are at most 19 pieces; the rest is room for the prompt template and users
 
 
 def model_configs(tokenizer_dir: Path) -> dict[str, dict]:
@@ -384,7 +417,7 @@ def assemble_pipeline(work: Path, output: Path) -> Path:
     return output
 
 
-STEPS = {"base": 2000, "dsr": 1500, "itersr": 1500}
+STEPS = {"base": 8000, "dsr": 2500, "itersr": 2500}
 BATCH = {"base": 24, "dsr": 4, "itersr": 4}
 LR = {"base": 1e-3, "dsr": 5e-4, "itersr": 1e-3}
 
@@ -398,12 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["tokenizer", "vq", "cache", "base", "dsr", "itersr", "pipeline"],
                         default=None, help="run one step only (the steps before it must be done)")
     parser.add_argument("--vq-steps", type=int, default=2000)
-    parser.add_argument("--samples", type=int, default=8000, help="training scenes of the base stage")
+    parser.add_argument("--samples", type=int, default=30000, help="training scenes of the base stage")
     parser.add_argument("--sr-samples", type=int, default=5000, help="training scenes of the SR stages")
     for stage in STEPS:
         parser.add_argument(f"--{stage}-steps", type=int, default=STEPS[stage])
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a busy 2-core machine: no spinning at barriers)")
+    parser.add_argument("--no-parallel-sr", dest="parallel_sr", action="store_false",
+                        help="train the two SR stages one after the other instead of in two processes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -420,9 +455,24 @@ def main(argv: list[str] | None = None) -> int:
     if wanted("cache"):
         build_cache(work / "cache_base", work / "vq", work / "tokenizer", args.samples, hires=False, seed=args.seed)
         build_cache(work / "cache_sr", work / "vq", work / "tokenizer", args.sr_samples, hires=True, seed=args.seed)
-    for stage in ("base", "dsr", "itersr"):
-        if wanted(stage):
-            train_stage(stage, work, getattr(args, f"{stage}_steps"), BATCH[stage], LR[stage], seed=args.seed)
+    if wanted("base"):
+        train_stage("base", work, args.base_steps, BATCH["base"], LR["base"], seed=args.seed)
+    helper = None
+    if args.only is None and args.parallel_sr and not (work / "itersr" / "config.json").is_file():
+        # the SR stages are independent: iterative SR in a second process (one thread each) while DSR trains here
+        command = [sys.executable, "-m", "coglm_hf.demo.train_demo", "--work-dir", str(work), "--only", "itersr",
+                   "--itersr-steps", str(args.itersr_steps), "--threads", "1", "--seed", str(args.seed)]
+        _log("itersr: training in a second process")
+        helper = subprocess.Popen(command)
+        torch.set_num_threads(1)
+    try:
+        for stage in ("dsr", "itersr"):
+            if wanted(stage) and not (stage == "itersr" and helper is not None):
+                train_stage(stage, work, getattr(args, f"{stage}_steps"), BATCH[stage], LR[stage], seed=args.seed)
+    finally:
+        if helper is not None and helper.wait() != 0:
+            raise RuntimeError(f"the iterative SR process failed (exit code {helper.returncode}); run "
+                               f"`--only itersr` to see why")
     if args.output and wanted("pipeline"):
         assemble_pipeline(work, Path(args.output))
     return 0
