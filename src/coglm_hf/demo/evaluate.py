@@ -17,6 +17,8 @@ Configurations (the paper's claims, §3 and §4 of the reference):
   from the full distribution: every cluster, temperature 1), without text up-weighting (`c = 0`), and with
   post-selection (best of `num_candidates` by caption likelihood);
 * the full pipeline (direct + iterative super-resolution), which must keep stage 1's adherence at 3× resolution.
+
+With the SR stages present, a second table measures text-guided editing (`coglm_hf.demo.evaluate_editing`).
 """
 
 from __future__ import annotations
@@ -215,20 +217,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", action="append", default=None, dest="configs",
                         help="run only this configuration (repeatable); default: all")
+    parser.add_argument("--edits", type=int, default=24,
+                        help="editing trials for the editing table (0: skip; needs the SR stages)")
     parser.add_argument("--grid", default=None, help="write a picture grid PNG here")
+    parser.add_argument("--edit-grid", default=None, help="write a picture grid of edits PNG here")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
 
 
 def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
-    """Entry point of `coglm-hf evaluate`: load, evaluate, print the table (and write grid/JSON if asked)."""
+    """Entry point of `coglm-hf evaluate`: load, evaluate, print the tables (and write grid/JSON if asked)."""
     from ..pipeline_cogview2 import CogView2Pipeline
     from . import default_model_path
+    from .evaluate_editing import editing_rows, format_edit_table
 
+    if args.edits < 0:
+        raise ValueError(f"--edits must be >= 0, got {args.edits}")
     pipeline = CogView2Pipeline.from_pretrained(args.model or default_model_path())
     rows = evaluate(pipeline, args.prompts, args.images_per_prompt, args.seed, args.configs, args.grid)
     print(format_table(rows))
+    edits = []
+    if args.edits and pipeline.dsr_model is not None and pipeline.itersr_model is not None:
+        edits = editing_rows(pipeline, args.edits, args.images_per_prompt, args.seed, args.edit_grid)
+        print()
+        print(format_edit_table(edits))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        report = {"generation": [asdict(r) for r in rows], "editing": [asdict(r) for r in edits]}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return rows
 
 
