@@ -21,6 +21,8 @@ from coglm_hf.demo.shapes import (
     render,
 )
 
+EDIT_MARGIN = 0.5  # measured 0.81 vs 0.06 on 8 trials x 2 with the shipped model (docs/demo.md)
+
 
 # ------------------------------------------------------------------------------------------------ dataset
 def test_dataset_is_a_pure_function_of_seed_and_index():
@@ -127,8 +129,8 @@ def test_demo_model_follows_held_out_prompts_above_chance(demo_pipeline):
     print(f"held-out stage 1: background {background:.2f} (chance {chance_background:.2f}), colours {colors:.2f} "
           f"(chance {chance.colors:.3f}), adherence {np.mean([v.adherence for v in verdicts]):.2f} "
           f"(chance {chance.adherence:.3f})")
-    assert background >= chance_background + 0.4
-    assert colors > 2 * chance.colors
+    assert background >= chance_background + 0.6  # measured 1.00 with the shipped model
+    assert colors >= max(0.35, 10 * chance.colors)  # measured 0.60
 
 
 def test_demo_model_full_pipeline_writes_a_recognisable_image(demo_pipeline):
@@ -137,11 +139,13 @@ def test_demo_model_full_pipeline_writes_a_recognisable_image(demo_pipeline):
     right = sum(v.background for v in verdicts)
     print(f"full pipeline, 8 held-out prompts: background right in {right}, colours right in "
           f"{sum(v.colors for v in verdicts)}")
-    assert right >= 5  # chance: 1 in 7 per image, P(>= 5 of 8) < 0.2 %
+    assert right >= 6  # measured 8; chance: 1 in 7 per image, P(>= 6 of 8) < 0.01 %
+    assert sum(v.colors for v in verdicts) >= 5  # measured 7; chance ~3 % per image
 
 
 # ------------------------------------------------------------------------------------------------ training pieces
-def test_demo_text_tokenizer_orders_english_pieces_first(tmp_path):
+def test_demo_text_tokenizer_orders_english_pieces_first_and_keeps_words_whole(tmp_path):
+    from coglm_hf.demo.shapes import COLORS, COLORS_ZH, SHAPES, SHAPES_ZH
     from coglm_hf.demo.train_demo import VQ_CODES, train_text_tokenizer
     from coglm_hf.tokenization_coglm import CogLMTokenizer
     from coglm_hf.training.collators import language_token_id
@@ -161,6 +165,13 @@ def test_demo_text_tokenizer_orders_english_pieces_first(tmp_path):
         assert tokenizer.decode(english).strip() == sample.caption_en
         assert language_token_id(english, Ids, chinese_piece_start) == tokenizer.start_of_english_token_id
         assert language_token_id(chinese, Ids, chinese_piece_start) == tokenizer.start_of_chinese_token_id
+        assert len(english) <= 19 and len(chinese) <= 19
+    # one piece per colour and shape word, in both languages (no spelling for the model to learn)
+    for word in [*COLORS, *SHAPES]:
+        assert tokenizer.convert_ids_to_tokens(tokenizer.encode(f"a {word}", add_special_tokens=False)) == [
+            "▁a", f"▁{word}"]
+    for word in [*COLORS_ZH.values(), *SHAPES_ZH.values()]:
+        assert word in tokenizer.convert_ids_to_tokens(tokenizer.encode(f"上{word}的", add_special_tokens=False))
 
 
 def test_shipped_remote_code_matches_the_package_source():
@@ -175,3 +186,30 @@ def test_shipped_remote_code_matches_the_package_source():
     assert copies
     stale = [str(p.relative_to(WEIGHTS_DIR)) for p in copies if p.read_text() != (package / p.name).read_text()]
     assert not stale, f"re-save the demo pipeline (save_pretrained) to refresh: {stale}"
+
+
+def test_edit_trials_replace_the_right_shape_with_a_held_out_target():
+    from coglm_hf.demo.evaluate_editing import edit_trials
+
+    trials = edit_trials(30, seed=3)
+    assert trials == edit_trials(30, seed=3) and trials != edit_trials(30, seed=4)
+    for trial in trials:
+        (kept, old), (kept_target, new) = trial.source.shapes, trial.target.shapes
+        assert kept == kept_target and kept.x < 120 < min(old.x, new.x)
+        assert is_held_out(trial.target.key) and new.color != old.color
+        used = {trial.source.background, kept.color, old.color, new.color}
+        assert len(used) == 4 and trial.control_color not in used
+    with pytest.raises(ValueError, match="num_trials"):
+        edit_trials(0)
+
+
+def test_demo_model_edits_toward_the_prompt_and_keeps_the_rest(demo_pipeline):
+    from coglm_hf.demo.evaluate_editing import editing_rows, format_edit_table
+
+    toward, control = editing_rows(demo_pipeline, num_trials=8, images_per_trial=2)
+    print(format_edit_table([toward, control]))
+    # the prompted colour appears in the edited half far more often than when the prompt names another colour
+    assert toward.new_color >= control.new_color + EDIT_MARGIN
+    assert toward.source_removed >= 0.75
+    # the unmasked half keeps its shape and background and changes by little more than the VQ round trip
+    assert toward.kept >= 0.75 and toward.change_outside < 15.0

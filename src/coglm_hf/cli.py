@@ -1,6 +1,6 @@
 """`coglm-hf`: generate images, edit images and convert the official CogView2 files from the command line.
 
-    coglm-hf generate "a red circle on a blue background"          # the embedded demo model, seconds on a CPU
+    coglm-hf generate "a yellow circle on a black background"          # the embedded demo model, seconds on a CPU
     coglm-hf generate --model converted/cogview2 --prompt "a tiger wearing VR glasses" --num-images 4 --grid
     coglm-hf edit --model converted/cogview2 --image photo.png --box 0.3,0.3,0.7,0.7 --prompt "a red hat"
     coglm-hf convert --sat-dir ~/.sat_models --cluster-labels cluster_label.npy \\
@@ -239,7 +239,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
     args.prompt = list(args.prompts) + list(args.prompt)
     if not args.prompt:
-        raise ValueError('give at least one prompt, e.g. coglm-hf generate "a red circle on a blue background"')
+        raise ValueError('give at least one prompt, e.g. coglm-hf generate "a yellow circle on a black background"')
     pipe, generator = _load(CogView2Pipeline, args)
     output = pipe(
         prompt=args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.num_candidates,

@@ -3,7 +3,7 @@
     >>> from coglm_hf.demo import default_model_path
     >>> from coglm_hf.pipeline_cogview2 import CogView2Pipeline
     >>> pipe = CogView2Pipeline.from_pretrained(default_model_path())
-    >>> image = pipe("a red circle on a blue background").images[0]
+    >>> image = pipe("a yellow circle on a black background").images[0]
 
 `shapes` (the world and its captions), `judge` (a deterministic judge of it), `evaluate` (`coglm-hf evaluate`),
 `train_demo` (the one command that trains the whole family).

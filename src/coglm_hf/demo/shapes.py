@@ -7,7 +7,7 @@ Chinese caption from templates.
 
 The split is by content: a scene's *key* is its background and its (colour, shape) set, ignoring sizes,
 positions and wording. About one key in eight is held out (`is_held_out`); training samples never show a
-held-out key, so "a red circle on a blue background" can be an unseen combination of seen words.
+held-out key, so "a yellow circle on a black background" (held out) is an unseen combination of seen words.
 
 Everything is a pure function of `(seed, index)`: `ShapesDataset(seed)[i]` is the same scene on every machine.
 """
