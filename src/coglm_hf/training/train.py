@@ -511,7 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         report = prepare_token_cache(stage, config.get("data") or {}, model_config, device=device)
         print(report.summary())
         return 0
-    run(config)
+    try:
+        run(config)
+    finally:
+        # tear the process group down before interpreter exit: a gloo group left to the atexit path can abort one
+        # rank ("terminate called without an active exception") after a run that finished or stopped cleanly
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
