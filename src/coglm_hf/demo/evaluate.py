@@ -182,21 +182,24 @@ def evaluate(pipeline, num_prompts: int = 24, images_per_prompt: int = 2, seed: 
     return rows
 
 
-def write_grid(path: str | Path, samples: list[ShapesSample], outputs: dict[str, list[Image.Image]],
-               images_per_prompt: int, rows: int = 6) -> Path:
-    """PNG grid: per prompt, the ground truth then the first image of each configuration, at 120 px."""
-    cell = 120
-    names = list(outputs)
-    grid = Image.new("RGB", (cell * (1 + len(names)), cell * min(rows, len(samples))), "white")
-    for r, sample in enumerate(samples[:rows]):
-        grid.paste(sample.image(HIRES_SIZE).resize((cell, cell), Image.Resampling.BOX), (0, r * cell))
-        for c, name in enumerate(names):
-            image = outputs[name][r * images_per_prompt].convert("RGB")
-            grid.paste(image.resize((cell, cell), Image.Resampling.BOX), ((c + 1) * cell, r * cell))
+def save_image_grid(path: str | Path, rows: list[list[Image.Image]], cell: int = 120) -> Path:
+    """PNG of `rows` of images, each resized to `cell`×`cell` (box filter), on a white canvas."""
+    grid = Image.new("RGB", (cell * max(len(row) for row in rows), cell * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.BOX), (c * cell, r * cell))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+def write_grid(path: str | Path, samples: list[ShapesSample], outputs: dict[str, list[Image.Image]],
+               images_per_prompt: int, rows: int = 6) -> Path:
+    """PNG grid: per prompt, the ground truth then the first image of each configuration, at 120 px."""
+    return save_image_grid(path, [[sample.image(HIRES_SIZE)] + [images[r * images_per_prompt] for images in
+                                                                 outputs.values()]
+                                  for r, sample in enumerate(samples[:rows])])
 
 
 def format_table(rows: list[EvalRow]) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .evaluate import save_image_grid
 from .judge import judge
 from .shapes import COLORS, HIRES_SIZE, SHAPES, Scene, Shape, caption_en, is_held_out, render
 
@@ -120,17 +121,8 @@ def editing_rows(pipeline, num_trials: int = 24, images_per_trial: int = 2, seed
 
 
 def _write_grid(path: str | Path, trials: list[EditTrial], edits: list, controls: list, rows: int = 4) -> Path:
-    cell = 120
-    columns = 2 + len(edits[0]) + len(controls[0])
-    grid = Image.new("RGB", (cell * columns, cell * min(rows, len(trials))), "white")
-    for r, trial in enumerate(trials[:rows]):
-        images = [render(trial.source, HIRES_SIZE), render(trial.target, HIRES_SIZE), *edits[r], *controls[r]]
-        for c, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.BOX), (c * cell, r * cell))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return save_image_grid(path, [[render(trial.source, HIRES_SIZE), render(trial.target, HIRES_SIZE), *edits[r],
+                                   *controls[r]] for r, trial in enumerate(trials[:rows])])
 
 
 def format_edit_table(rows: list[EditRow]) -> str:
