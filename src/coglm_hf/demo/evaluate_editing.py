@@ -99,15 +99,15 @@ def editing_rows(pipeline, num_trials: int = 24, images_per_trial: int = 2, seed
     editor = CogView2InpaintPipeline.from_pipe(pipeline)
     editor.set_progress_bar_config(disable=True)
     trials = edit_trials(num_trials, seed)
+    sources = [render(trial.source, HIRES_SIZE) for trial in trials]  # shared by both rows, the scores and the grid
     rows, outputs = [], []
     for name, control in (("edit toward the prompt", False), ("control: prompt names another colour", True)):
         scores, start = [], time.perf_counter()
         generator = torch.Generator(pipeline.device).manual_seed(seed)
-        for trial in trials:
+        for trial, source in zip(trials, sources):
             new = trial.target.shapes[1]
             prompted = Scene(trial.target.background, (trial.target.shapes[0], Shape(
                 new.kind, trial.control_color if control else new.color, new.x, new.y, new.radius)), "left of")
-            source = render(trial.source, HIRES_SIZE)
             images = editor(caption_en(prompted), image=source, mask_box=EDIT_BOX,
                             num_images_per_prompt=images_per_trial, generator=generator).images
             scores += [_score(image, source, trial, new.color, new.kind) for image in images]
@@ -115,14 +115,11 @@ def editing_rows(pipeline, num_trials: int = 24, images_per_trial: int = 2, seed
         columns = np.array(scores, dtype=np.float64)
         rows.append(EditRow(name, *columns[:, :4].mean(axis=0).tolist(), float(columns[:, 4].mean()), len(scores),
                             (time.perf_counter() - start) / len(scores)))
-    if grid_path is not None:
-        _write_grid(grid_path, trials, outputs[: len(trials)], outputs[len(trials):])
+    if grid_path is not None:  # first 4 trials: source, target, the edits, the control edits
+        edits, controls = outputs[: len(trials)], outputs[len(trials):]
+        save_image_grid(grid_path, [[sources[r], render(trials[r].target, HIRES_SIZE), *edits[r], *controls[r]]
+                                    for r in range(min(4, len(trials)))])
     return rows
-
-
-def _write_grid(path: str | Path, trials: list[EditTrial], edits: list, controls: list, rows: int = 4) -> Path:
-    return save_image_grid(path, [[render(trial.source, HIRES_SIZE), render(trial.target, HIRES_SIZE), *edits[r],
-                                   *controls[r]] for r, trial in enumerate(trials[:rows])])
 
 
 def format_edit_table(rows: list[EditRow]) -> str:
