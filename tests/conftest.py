@@ -1,8 +1,11 @@
-"""Shared test helpers: locating the reference fixtures in ``../shared`` without copying them."""
+"""Shared test helpers: locating the reference fixtures in ``../shared`` without copying them; running a script
+where coglm_hf cannot be imported (remote-code loading)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,18 @@ def fixture_dir(name: str) -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def run_without_coglm_hf(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter where `import coglm_hf` fails, offline, with a private modules cache."""
+    blocker = tmp_path / "block"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "coglm_hf.py").write_text("raise ImportError('coglm_hf is blocked in this test')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(blocker), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
+               PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -174,18 +175,44 @@ def test_demo_text_tokenizer_orders_english_pieces_first_and_keeps_words_whole(t
         assert word in tokenizer.convert_ids_to_tokens(tokenizer.encode(f"上{word}的", add_special_tokens=False))
 
 
-def test_shipped_remote_code_matches_the_package_source():
-    """The demo folder carries copies of our modules (remote code); they must not drift from the source."""
-    from pathlib import Path
+DEMO_REMOTE_CHILD = r"""
+import json, sys, torch
+try:
+    import coglm_hf  # noqa: F401
+    raise SystemExit("coglm_hf must not be importable here")
+except ImportError:
+    pass
+from diffusers import DiffusionPipeline
+folder = sys.argv[1]
+pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder + "/pipeline_cogview2.py",
+                                         trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+tokens = pipe("a red square on a blue background", generator=torch.Generator().manual_seed(3),
+              output_type="tokens").images
+print(json.dumps({"modules": [type(pipe).__module__, type(pipe.base_model).__module__,
+                              type(pipe.itersr_model).__module__], "tokens": tokens.flatten().tolist()}))
+"""
 
-    import coglm_hf
+
+def test_demo_ships_no_code_and_exports_a_remote_code_copy(demo_pipeline, tmp_path):
+    """The package folder holds weights and configs only; save_pretrained writes a copy that loads as remote code
+    where coglm_hf cannot be imported, and generates what the installed package generates."""
+    from conftest import run_without_coglm_hf
+
     from coglm_hf.demo import WEIGHTS_DIR
 
-    package = Path(coglm_hf.__file__).parent
-    copies = [p for p in WEIGHTS_DIR.rglob("*.py") if not p.name.startswith("remote_")]
-    assert copies
-    stale = [str(p.relative_to(WEIGHTS_DIR)) for p in copies if p.read_text() != (package / p.name).read_text()]
-    assert not stale, f"re-save the demo pipeline (save_pretrained) to refresh: {stale}"
+    assert {p.suffix for p in WEIGHTS_DIR.rglob("*") if p.is_file()} == {".json", ".safetensors"}
+    assert "auto_map" not in (WEIGHTS_DIR / "base_model" / "config.json").read_text()
+    export = tmp_path / "export"
+    demo_pipeline.save_pretrained(export)
+    assert (export / "pipeline_cogview2.py").is_file() and (export / "itersr_model" / "local_attention.py").is_file()
+    result = run_without_coglm_hf(DEMO_REMOTE_CHILD, [str(export)], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    child = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(module.startswith("diffusers_modules") for module in child["modules"]), child["modules"]
+    expected = demo_pipeline("a red square on a blue background", generator=torch.Generator().manual_seed(3),
+                             output_type="tokens").images
+    assert child["tokens"] == expected.flatten().tolist()
 
 
 def test_edit_trials_replace_the_right_shape_with_a_held_out_target():

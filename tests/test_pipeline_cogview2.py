@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import PIL.Image
 import pytest
 import sentencepiece as spm
 import torch
+from conftest import run_without_coglm_hf
 
 from coglm_hf import CogLMConfig, CogLMDirectSRConfig, CogLMForMaskedRegions, CogLMIterativeSRConfig, CogView2Scheduler
 from coglm_hf.modeling_coglm_sr import CogLMForDirectSuperResolution, CogLMForIterativeSuperResolution
@@ -322,6 +320,20 @@ def test_save_and_load_installed(pipe, tmp_path):
     assert half.image_tokenizer.dtype == torch.bfloat16
 
 
+def test_save_without_code_loads_installed(pipe, tmp_path):
+    """`remote_code=False` (how the embedded demo is shipped): weights and configs only, the package's classes."""
+    pipe.save_pretrained(tmp_path / "plain", remote_code=False)
+    assert not list((tmp_path / "plain").rglob("*.py"))
+    index = json.loads((tmp_path / "plain" / "model_index.json").read_text())
+    assert index["dsr_model"] == ["coglm_hf.modeling_coglm_sr", "CogLMForDirectSuperResolution"]
+    assert "_name_or_path" not in index
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "itersr_model" / "config.json").read_text())
+    loaded = CogView2Pipeline.from_pretrained(tmp_path / "plain")
+    loaded.set_progress_bar_config(disable=True)
+    assert tokens_of(loaded, prompt="a red cat", generator=seeded(2)).tolist() == \
+        tokens_of(pipe, prompt="a red cat", generator=seeded(2)).tolist()
+
+
 REMOTE_CHILD = r"""
 import json, sys, torch
 try:
@@ -348,18 +360,6 @@ edit = DiffusionPipeline.from_pretrained(resaved, custom_pipeline=resaved + "/pi
 results["edit_class"] = type(edit).__name__
 print(json.dumps(results))
 """
-
-
-def run_without_coglm_hf(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh interpreter where `import coglm_hf` fails, offline, with a private modules cache."""
-    blocker = tmp_path / "block"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "coglm_hf.py").write_text("raise ImportError('coglm_hf is blocked in this test')\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(blocker), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
-               PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
 
 
 def test_remote_code_loading_in_fresh_process(pipe, tmp_path):

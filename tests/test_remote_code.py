@@ -1,11 +1,10 @@
 """Saved folders load through the Auto classes with trust_remote_code where coglm_hf cannot be imported."""
 
 import json
-import os
-import subprocess
 import sys
 
 import torch
+from conftest import run_without_coglm_hf
 
 from coglm_hf import CogLMConfig, CogLMForMaskedRegions
 
@@ -38,12 +37,6 @@ print(json.dumps({"config": type(config).__name__, "head": type(head).__name__, 
 """
 
 
-def clean_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
-    return env
-
-
 def test_remote_code_round_trip_in_fresh_process(tmp_path):
     torch.manual_seed(0)
     model = CogLMForMaskedRegions(CogLMConfig(**TINY)).eval()
@@ -54,14 +47,8 @@ def test_remote_code_round_trip_in_fresh_process(tmp_path):
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
 
-    # coglm_hf is installed in this environment: shadow it with a module that refuses to import
-    blocker = tmp_path / "block"
-    blocker.mkdir()
-    (blocker / "coglm_hf.py").write_text("raise ImportError('coglm_hf is blocked in this test')\n")
-    env = clean_env(tmp_path)
-    env["PYTHONPATH"] = str(blocker)
-    result = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, env=env,
-                            cwd=tmp_path)
+    # coglm_hf is installed in this environment: the child shadows it with a module that refuses to import
+    result = run_without_coglm_hf(CHILD, [str(folder)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     child = json.loads(result.stdout.strip().splitlines()[-1])
     assert child["config"] == "CogLMConfig" and child["head"] == "CogLMForMaskedRegions"

@@ -107,6 +107,17 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def _remove_code(folder: Path) -> None:
+    """Strip the source files and `auto_map` entries the components' own `save_pretrained` wrote into `folder`, and
+    the local paths (`_name_or_path`) of the configs."""
+    for path in folder.rglob("*.py"):
+        path.unlink()
+    for path in [folder / "model_index.json", *folder.glob("*/*config.json")]:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if [config.pop(key) for key in ("auto_map", "_name_or_path") if key in config]:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _as_id_lists(prompt_ids: Any) -> list[list[int]]:
     """`prompt_ids` (one list of ints, a list of lists, or a `[L]` / `[P, L]` integer tensor) → list of id lists."""
     if isinstance(prompt_ids, torch.Tensor):
@@ -601,6 +612,7 @@ class CogView2StagesMixin:
         variant: str | None = None,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        remote_code: bool = True,
         **kwargs,
     ) -> None:
         """Save a self-contained pipeline folder, atomically (a temporary sibling folder replaces `save_directory`).
@@ -610,6 +622,9 @@ class CogView2StagesMixin:
         `[<module file>, <class>]` that resolve to them. It loads with `CogView2Pipeline.from_pretrained(folder)`
         (coglm_hf installed; no code from the folder runs) or with `DiffusionPipeline.from_pretrained(folder,
         custom_pipeline=<folder>/pipeline_cogview2.py, trust_remote_code=True)`.
+
+        `remote_code=False` writes weights and configs only (entries `["coglm_hf.<module>", <class>]`, no
+        `auto_map`): a folder for the installed package alone, the way the embedded demo is shipped.
         """
         if not safe_serialization:
             raise ValueError("CogView2 pipelines are saved as safetensors only (safe_serialization=True)")
@@ -622,7 +637,10 @@ class CogView2StagesMixin:
         try:
             staging.chmod(0o755)
             super().save_pretrained(staging, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
-            self._add_remote_code(staging)
+            if remote_code:
+                self._add_remote_code(staging)
+            else:
+                _remove_code(staging)
             _replace_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

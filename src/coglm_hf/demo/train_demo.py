@@ -12,7 +12,9 @@ Steps (each resumable: a finished step leaves its folder in `--work-dir` and is 
    captions and 10×10 (80 px) grids; captions, 10×10 and 30×30 (240 px) grids for the SR stages.
 4. `base/`, `dsr/`, `itersr/`: the three CogLM stages, trained with the project's Trainer entry point
    (`coglm_hf.training.train.run`) on the cached tokens; both SR models start from the base weights.
-5. `--output`: the pipeline folder (`CogView2Pipeline.save_pretrained`), safetensors only.
+5. `--output`: the pipeline folder (`CogView2Pipeline.save_pretrained(remote_code=False)`): safetensors weights
+   and configs only, loaded with the installed package's classes; `save_pretrained` of the loaded pipeline
+   exports a copy that carries its code (remote code).
 
 Every random choice is seeded; with the same torch build the run is reproducible. The two SR stages train in two
 processes (one thread each) unless `--no-parallel-sr`. `--threads` sets torch's intra-op threads for the other
@@ -395,7 +397,8 @@ DEMO_SAMPLER = {"temperature": 1.0, "top_k_clusters": 2, "cluster_temperature": 
 
 
 def assemble_pipeline(work: Path, output: Path) -> Path:
-    """Load the trained components and save them as one pipeline folder at `output` (atomic, safetensors)."""
+    """Load the trained components and save them as one pipeline folder at `output` (atomic, safetensors; no code,
+    as the demo ships inside the package)."""
     from ..modeling_coglm import CogLMForMaskedRegions
     from ..modeling_coglm_sr import CogLMForDirectSuperResolution, CogLMForIterativeSuperResolution
     from ..pipeline_cogview2 import CogView2Pipeline
@@ -411,7 +414,7 @@ def assemble_pipeline(work: Path, output: Path) -> Path:
         itersr_model=CogLMForIterativeSuperResolution.from_pretrained(work / "itersr"),
         scheduler=CogView2Scheduler(cluster_labels=labels, **DEMO_SAMPLER),
     )
-    pipeline.save_pretrained(output)
+    pipeline.save_pretrained(output, remote_code=False)
     size = sum(f.stat().st_size for f in output.rglob("*.safetensors"))
     _log(f"pipeline saved to {output} ({size / 2**20:.1f} MiB of safetensors)")
     return output
