@@ -1,9 +1,14 @@
 """The SAT converter: safe loading, strict key mapping, config checks, dtypes, sharding, atomic output."""
 
+import io
 import json
+import pickle
+import random
 import shutil
 import subprocess
 import sys
+import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -78,11 +83,12 @@ class NotAllowed:
         return (print, ("this must never run",))
 
 
-def test_arbitrary_objects_are_refused(sat_copy, tmp_path):
+def test_arbitrary_objects_are_refused(sat_copy, tmp_path, capsys):
     rewrite(sat_copy, lambda payload: payload.update(evil=NotAllowed()))
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="could not be loaded safely"):
+    with pytest.raises(ValueError, match=r"refused by the safe loader.*holds a print object") as error:
         convert_sat_checkpoint(sat_copy, out)
+    assert "weights_only=False" not in str(error.value) and "this must never run" not in capsys.readouterr().out
     assert not out.exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())  # nothing half-written
 
@@ -143,3 +149,85 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                              str(tmp_path / "y")], capture_output=True, text=True)
     assert result.returncode == 1
     assert "error: SAT model folder not found" in result.stderr and "Traceback" not in result.stderr
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Names numpy's array helpers as numpy 1.x did (``numpy.core.multiarray.*``), as 2022 DeepSpeed files do.
+
+    With protocol 2 (torch.save's default) the pure-Python pickler already writes ``__builtin__.set`` and
+    ``_codecs.encode`` like Python 2-compatible pickles of that time.
+    """
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", None) or ""
+        if module.startswith("numpy._core."):
+            legacy = "numpy.core." + module[len("numpy._core."):]
+            self.write(pickle.GLOBAL + f"{legacy}\n{name or obj.__qualname__}\n".encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def deepspeed_model_states(module: dict) -> dict:
+    """Every entry DeepSpeed 0.6 + SwissArmyTransformer write into ``mp_rank_00_model_states.pt``."""
+    return {
+        "module": module, "buffer_names": [], "optimizer": None, "lr_scheduler": None,
+        "sparse_tensor_module_names": set(), "skipped_steps": 3, "global_steps": 432000, "global_samples": 1728000,
+        "dp_world_size": 4, "mp_world_size": 1, "ds_version": "0.6.0", "iteration": 432000,
+        "ds_config": {"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True, "loss_scale": 0},
+                      "zero_optimization": {"stage": 1}, "gradient_clipping": 0.1},
+        "client_lr_scheduler": {"start_lr": np.float64(1e-4), "warmup_iter": 5000, "num_iters": 432000,
+                                "decay_style": "cosine", "decay_ratio": 0.1},
+        "random_rng_state": random.Random(0).getstate(), "np_rng_state": np.random.RandomState(0).get_state(),
+        "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.zeros(816, dtype=torch.uint8),
+        "rng_tracker_states": {"model-parallel-rng": torch.zeros(816, dtype=torch.uint8)},
+    }
+
+
+def test_numpy1_deepspeed_checkpoint_converts_and_matches_official_logits(sat_copy, cogview2_fixture_dir, tmp_path):
+    from test_coglm_parity import check_image_logits, load_case, t2i_inputs
+
+    from coglm_hf.attention_masks import text_to_image_regions
+
+    module = torch.load(weights_file(sat_copy), weights_only=True)["module"]
+    numpy1_pickle = types.ModuleType("numpy1_pickle")
+    numpy1_pickle.Pickler = _Numpy1Pickler
+    torch.save(deepspeed_model_states(module), weights_file(sat_copy), pickle_module=numpy1_pickle, pickle_protocol=2)
+    with zipfile.ZipFile(weights_file(sat_copy)) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    for legacy in (b"numpy.core.multiarray\n_reconstruct", b"numpy.core.multiarray\nscalar", b"numpy\ndtype",
+                   b"__builtin__\nset", b"_codecs\nencode"):
+        assert legacy in pickled
+    assert b"numpy._core" not in pickled
+
+    out = convert_sat_checkpoint(sat_copy, tmp_path / "out")
+    model = CogLMForMaskedRegions.from_pretrained(out, dtype=torch.float32).eval()
+    case = load_case(cogview2_fixture_dir, "t2i_L23_n57_b2")
+    text_length, n, batch = t2i_inputs(case)
+    with torch.no_grad():
+        logits = model(case["input_ids"], position_ids=case["position_ids"],
+                       mask_regions=[text_to_image_regions(text_length, n)] * batch, image_logits_only=True,
+                       use_cache=False).logits
+    check_image_logits(logits, case)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "not_a_checkpoint", "empty"])
+def test_damaged_or_foreign_files_are_named_as_such(sat_copy, tmp_path, damage):
+    path = weights_file(sat_copy)
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "overwritten": data[:3000] + bytes(200) + data[3200:],
+               "not_a_checkpoint": b"<html>404 Not Found</html>\n", "empty": b""}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(ValueError, match="is damaged .* or is not a PyTorch checkpoint") as error:
+        convert_sat_checkpoint(sat_copy, tmp_path / "out")
+    message = str(error.value)
+    assert "weights_only=False" not in message and "re-save" not in message and "trust" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dict_without_module_is_not_a_sat_file(sat_copy):
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {}}, buffer)
+    weights_file(sat_copy).write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match="not a SAT model-state file"):
+        load_sat_state_dict(sat_copy)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +44,54 @@ _TOP_LEVEL = {
 
 
 def _numpy_safe_globals() -> list:
-    """The numpy types DeepSpeed/SAT bookkeeping (rng states) pickles — and nothing else."""
+    """The numpy types DeepSpeed/SAT bookkeeping (rng states) pickles — and nothing else.
+
+    numpy 2 pickles its array helpers as ``numpy._core.multiarray.*``; files written with numpy 1.x (every 2022
+    DeepSpeed checkpoint) name the same functions ``numpy.core.multiarray.*``. ``weights_only`` matches globals by
+    the name in the file, so both names are allow-listed for the same two functions. (Protocol 2's
+    ``__builtin__.set`` and ``_codecs.encode`` are already mapped and allowed by torch itself.)
+    """
     core = getattr(np, "_core", None) or np.core
-    allowed = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype]
+    allowed: list = [np.ndarray, np.dtype]
+    for name in ("_reconstruct", "scalar"):
+        function = getattr(core.multiarray, name)
+        allowed += [(function, f"numpy._core.multiarray.{name}"), (function, f"numpy.core.multiarray.{name}")]
     allowed += [type(np.dtype(name)) for name in ("uint32", "int64", "float64", "float32", "bool", "int32", "uint8")]
     return allowed
+
+
+def _read_model_states(weights: Path) -> dict:
+    """``torch.load(weights_only=True)`` of a DeepSpeed model-state file, memory-mapped when it is a zip archive.
+
+    A refused object and a damaged file get different errors; neither suggests an unsafe load.
+    """
+    zipped = zipfile.is_zipfile(weights)  # torch's format since 1.6; the legacy tar/pickle format cannot be mapped
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(weights, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(error))
+        if refused:
+            raise ValueError(
+                f"{weights} was refused by the safe loader (weights_only=True): it holds a {refused.group(1)} object, "
+                "which no CogView2 or DeepSpeed model-state file contains (they hold tensors, plain containers and "
+                "numpy rng states). It was not run. Use the official file."
+            ) from None
+        damaged = error
+    except Exception as error:  # a truncated zip, a foreign file: torch raises RuntimeError, EOFError, KeyError…
+        damaged = error
+    raise ValueError(
+        f"{weights} is damaged (truncated or corrupted) or is not a PyTorch checkpoint "
+        f"({type(damaged).__name__} while reading it); download or copy it again"
+    ) from damaged
 
 
 def load_sat_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, str]:
     """Read ``latest`` → ``<iteration>/mp_rank_00_model_states.pt`` → ``module``.
 
-    Loads with ``torch.load(weights_only=True)``; only numpy arrays/scalars (rng states) are allowed beyond what
-    ``weights_only`` accepts. Returns ``(state_dict, model_config, iteration)``.
+    Loads with ``torch.load(weights_only=True, mmap=True)``: the tensors stay in the file until read; only numpy
+    arrays/scalars (rng states, under their numpy 1 or numpy 2 names) are allowed beyond what ``weights_only``
+    accepts. Returns ``(state_dict, model_config, iteration)``.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -70,14 +108,7 @@ def load_sat_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, torch.T
     config_path = model_dir / "model_config.json"
     model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            payload = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in several classes; all mean the same to the user
-        raise ValueError(
-            f"{weights} could not be loaded safely (weights_only=True): {error}. It holds objects beyond tensors, "
-            "plain containers and numpy rng states; re-save only its 'module' entry with torch.save."
-        ) from error
+    payload = _read_model_states(weights)
     if not isinstance(payload, dict) or not isinstance(payload.get("module"), dict):
         raise ValueError(f"{weights} is not a SAT model-state file: expected a dict with a 'module' state dict")
     state_dict = payload["module"]
