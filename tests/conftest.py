@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernel is checked with Triton's CPU interpreter, which `triton` reads when it is first
+# imported (importing coglm_hf already imports it through torch), so it is chosen here, before any test module.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,13 @@ Implementations, all computing the same numbers (selected with `set_local_attent
   the exact work and nothing of size ``N x N`` is ever formed. Works on every device, with autograd.
 * ``"flex"``: ``torch.nn.attention.flex_attention`` with a cached ``BlockMask`` over the concatenated keys
   (compiled on CUDA; CPU FlexAttention has no backward).
-* ``"kernel"``: the fused kernels of ``hub_kernels/cogview2-local-attention`` loaded with the ``kernels`` package
-  (see `load_local_attention_kernel` for the settings).
-``"auto"`` (default) uses the kernel when one is configured and loads, else ``"torch"``.
+* ``"kernel"``: the fused compiled kernels of ``hub_kernels/cogview2-local-attention`` loaded with the ``kernels``
+  package (see `load_local_attention_kernel` for the settings).
+* ``"triton"``: the fused Triton kernel of ``hub_kernels/cogview2-local-attention-triton``, a pure-Python kernel
+  project also loaded with the ``kernels`` package (see `load_local_attention_triton_kernel`); CUDA devices.
+``"auto"`` (default) uses the compiled kernel when one is configured and loads, else on CUDA the Triton kernel when
+it loads, else ``"torch"``. This module imports only torch and, lazily and guarded, ``kernels``: the kernels (and
+Triton) stay outside the remote code.
 `local_attention_2d_reference` is the dense masked definition, used by the tests.
 """
 
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "get_local_attention_backend",
     "load_local_attention_kernel",
+    "load_local_attention_triton_kernel",
     "local_attention_2d",
     "local_attention_2d_reference",
     "local_attention_mask",
@@ -50,7 +55,7 @@ __all__ = [
     "window_offsets",
 ]
 
-_BACKENDS = ("auto", "torch", "flex", "kernel")
+_BACKENDS = ("auto", "torch", "flex", "kernel", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Settings of the kernel route (documented in docs/kernels.md).
@@ -58,6 +63,12 @@ KERNEL_PATH_ENV = "COGLM_LOCAL_ATTENTION_KERNEL_PATH"  # local kernel dir (holds
 KERNEL_REPO_ENV = "COGLM_LOCAL_ATTENTION_KERNEL"  # Hub repo id, loaded from LOCAL_KERNELS or the Hub cache
 KERNEL_REVISION_ENV = "COGLM_LOCAL_ATTENTION_KERNEL_REVISION"
 DEFAULT_KERNEL_REVISION = "v1"
+TRITON_KERNEL_PATH_ENV = "COGLM_LOCAL_ATTENTION_TRITON_KERNEL_PATH"  # local Triton kernel dir (build/torch-<backend>/)
+TRITON_KERNEL_REPO_ENV = "COGLM_LOCAL_ATTENTION_TRITON_KERNEL"  # Hub repo id of the Triton kernel
+# Explicit opt-in to load a Hub kernel repo whose publisher `kernels` does not trust (never assumed).
+KERNEL_TRUST_ENV = "COGLM_LOCAL_ATTENTION_TRUST_KERNEL_REPO"
+# In a source checkout the Triton kernel project sits next to the package; its build output is used by default.
+_SOURCE_TRITON_KERNEL = Path(__file__).resolve().parents[2] / "hub_kernels" / "cogview2-local-attention-triton"
 BACKEND_ENV = "COGLM_LOCAL_ATTENTION_BACKEND"
 FLEX_COMPILE_ENV = "COGLM_LOCAL_ATTENTION_FLEX_COMPILE"  # "auto" (CUDA only), "1", "0"
 
@@ -623,20 +634,97 @@ def _local_attention_flex(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# "kernel" backend (hub_kernels/cogview2-local-attention, loaded with the `kernels` package)
+# "kernel" and "triton" backends (hub_kernels/cogview2-local-attention[-triton], loaded with the `kernels` package)
 # ----------------------------------------------------------------------------------------------------------------
 
 _state: dict[str, object] = {
     "backend": os.environ.get(BACKEND_ENV, "auto"),
-    "kernel": None,  # loaded module
-    "kernel_error": None,  # why loading failed (str), None if not tried yet
+    "kernel": None,  # loaded compiled kernel module
+    "kernel_error": None,  # why loading it failed (str), None if not tried yet
+    "triton": None,  # loaded Triton kernel module
+    "triton_error": None,
 }
 
 
-def load_local_attention_kernel(
-    path: str | os.PathLike | None = None, *, repo_id: str | None = None, revision: str | None = None
+@dataclass(frozen=True)
+class _KernelKind:
+    """Where one kind of kernel ("kernel": compiled, "triton") is configured."""
+
+    name: str
+    label: str  # in messages
+    path_env: str
+    repo_env: str
+    default_path: Path | None
+
+
+_KINDS = {
+    "kernel": _KernelKind("kernel", "kernel", KERNEL_PATH_ENV, KERNEL_REPO_ENV, None),
+    "triton": _KernelKind(
+        "triton", "Triton kernel", TRITON_KERNEL_PATH_ENV, TRITON_KERNEL_REPO_ENV, _SOURCE_TRITON_KERNEL
+    ),
+}
+
+
+def _trusted(trust_remote_code: bool | None) -> bool:
+    if trust_remote_code is not None:
+        return bool(trust_remote_code)
+    return os.environ.get(KERNEL_TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _load_kernel(
+    kind: _KernelKind,
+    path: str | os.PathLike | None,
+    repo_id: str | None,
+    revision: str | None,
+    trust_remote_code: bool | None,
 ) -> ModuleType:
-    """Load the fused local-attention kernel through the ``kernels`` package and use it from now on.
+    path = path if path is not None else os.environ.get(kind.path_env) or None
+    repo_id = repo_id if repo_id is not None else os.environ.get(kind.repo_env) or None
+    revision = revision or os.environ.get(KERNEL_REVISION_ENV) or DEFAULT_KERNEL_REVISION
+    if path is None and repo_id is None and kind.default_path is not None and (kind.default_path / "build").is_dir():
+        path = kind.default_path
+    try:
+        import kernels
+    except ImportError as err:
+        raise RuntimeError(f"the `kernels` package is not installed ({err}); `pip install kernels`") from err
+    if path is not None:
+        if not Path(path).is_dir():
+            raise RuntimeError(f"{kind.path_env}={path!s} is not a directory")
+        source, load = f"local kernel {path}", lambda: kernels.get_local_kernel(Path(path))
+    elif repo_id is not None:
+        trust = _trusted(trust_remote_code)
+        if trust:
+            logger.warning("local_attention_2d: trusting Hub kernel repo %s (explicit opt-in)", repo_id)
+        source = f"{repo_id}@{revision}"
+
+        def load():
+            return kernels.get_kernel(repo_id, revision=revision, trust_remote_code=[repo_id] if trust else False)
+    else:
+        raise RuntimeError(f"no {kind.label} configured (set {kind.path_env} or {kind.repo_env})")
+    try:
+        module = load()
+    except Exception as err:  # the loader raises many types (FileNotFoundError, ValueError, OSError, ImportError)
+        hint = ""
+        if "trusted publisher" in str(err) or "publisher trust" in str(err):
+            hint = (
+                f" (if you trust {repo_id}, pass trust_remote_code=True or set {KERNEL_TRUST_ENV}=1; "
+                "kernels refuses repos outside its trusted publishers otherwise)"
+            )
+        raise RuntimeError(f"could not load {source}: {type(err).__name__}: {err}{hint}") from err
+    if not all(callable(getattr(module, name, None)) for name in ("local_attention_2d", "supports")):
+        raise RuntimeError(f"{source} does not provide `local_attention_2d` and `supports`")
+    _state[kind.name], _state[f"{kind.name}_error"] = module, None
+    return module
+
+
+def load_local_attention_kernel(
+    path: str | os.PathLike | None = None,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool | None = None,
+) -> ModuleType:
+    """Load the fused compiled local-attention kernel through the ``kernels`` package and use it from now on.
 
     Resolution order (arguments override the environment):
     1. ``path`` / ``$COGLM_LOCAL_ATTENTION_KERNEL_PATH``: a local kernel directory holding
@@ -645,54 +733,54 @@ def load_local_attention_kernel(
        ``$COGLM_LOCAL_ATTENTION_KERNEL_REVISION`` (default ``"v1"``) -> ``kernels.get_kernel(repo_id, revision=...)``,
        served by ``LOCAL_KERNELS`` or the Hub cache (set ``HF_HUB_OFFLINE=1`` to forbid downloads).
 
+    ``kernels`` refuses Hub repos of publishers it does not trust; ``trust_remote_code=True`` (or
+    ``$COGLM_LOCAL_ATTENTION_TRUST_KERNEL_REPO=1``) allows exactly ``repo_id`` — the kernel then runs native code
+    from that repo, so opt in only for repos you trust. Nothing is trusted by default.
+
     Raises ``RuntimeError`` (with the reason) when nothing is configured or loading fails.
     """
-    path = path if path is not None else os.environ.get(KERNEL_PATH_ENV) or None
-    repo_id = repo_id if repo_id is not None else os.environ.get(KERNEL_REPO_ENV) or None
-    revision = revision or os.environ.get(KERNEL_REVISION_ENV) or DEFAULT_KERNEL_REVISION
-    try:
-        import kernels
-    except ImportError as err:
-        raise RuntimeError(f"the `kernels` package is not installed ({err}); `pip install kernels`") from err
-    if path is not None:
-        if not Path(path).is_dir():
-            raise RuntimeError(f"{KERNEL_PATH_ENV}={path!s} is not a directory")
-        source, load = f"local kernel {path}", lambda: kernels.get_local_kernel(Path(path))
-    elif repo_id is not None:
-        source, load = f"{repo_id}@{revision}", lambda: kernels.get_kernel(repo_id, revision=revision)
-    else:
-        raise RuntimeError(f"no kernel configured (set {KERNEL_PATH_ENV} or {KERNEL_REPO_ENV})")
-    try:
-        module = load()
-    except Exception as err:  # the loader raises many types (FileNotFoundError, ValueError, OSError, ImportError)
-        raise RuntimeError(f"could not load {source}: {type(err).__name__}: {err}") from err
-    if not all(callable(getattr(module, name, None)) for name in ("local_attention_2d", "supports")):
-        raise RuntimeError(f"{source} does not provide `local_attention_2d` and `supports`")
-    _state["kernel"], _state["kernel_error"] = module, None
-    return module
+    return _load_kernel(_KINDS["kernel"], path, repo_id, revision, trust_remote_code)
 
 
-def _kernel_for(query: torch.Tensor, forced: bool) -> ModuleType | None:
-    """The loaded kernel if it handles ``query`` (device, dtype, head dim), else None (``forced``: raise).
+def load_local_attention_triton_kernel(
+    path: str | os.PathLike | None = None,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool | None = None,
+) -> ModuleType:
+    """Load the Triton local-attention kernel (a pure-Python ``kernels`` project) and use it from now on.
+
+    Same resolution as `load_local_attention_kernel`, with ``$COGLM_LOCAL_ATTENTION_TRITON_KERNEL_PATH`` /
+    ``$COGLM_LOCAL_ATTENTION_TRITON_KERNEL``; when neither is set, a source checkout's
+    ``hub_kernels/cogview2-local-attention-triton`` is used once its ``build_local.py`` has produced ``build/``.
+    The variants are ``build/torch-cuda`` and ``build/torch-cpu`` (CPU tensors only under ``TRITON_INTERPRET=1``).
+    """
+    return _load_kernel(_KINDS["triton"], path, repo_id, revision, trust_remote_code)
+
+
+def _kernel_for(query: torch.Tensor, forced: bool, kind: str = "kernel") -> ModuleType | None:
+    """The loaded kernel of ``kind`` if it handles ``query`` (device, dtype, head dim), else None (``forced``: raise).
 
     A kernel that cannot be loaded is reported once in the log.
     """
-    if _state["kernel"] is None and _state["kernel_error"] is None:
+    if _state[kind] is None and _state[f"{kind}_error"] is None:
         try:
-            load_local_attention_kernel()
+            _load_kernel(_KINDS[kind], None, None, None, None)
         except RuntimeError as err:
-            _state["kernel_error"] = str(err)
+            _state[f"{kind}_error"] = str(err)
             if not forced:
-                logger.info("local_attention_2d: using the PyTorch path, fused kernel unavailable: %s", err)
-    kernel = _state["kernel"]
+                what = "fused kernel" if kind == "kernel" else _KINDS[kind].label
+                logger.info("local_attention_2d: using the PyTorch path, %s unavailable: %s", what, err)
+    kernel = _state[kind]
     if kernel is None:
         if forced:
-            raise RuntimeError(f"local attention backend 'kernel' requested but {_state['kernel_error']}")
+            raise RuntimeError(f"local attention backend {kind!r} requested but {_state[f'{kind}_error']}")
         return None
     if not kernel.supports(query):
         if forced:
             raise RuntimeError(
-                f"the loaded local-attention kernel does not handle {query.dtype} tensors with head dim "
+                f"the loaded {kind} local-attention kernel does not handle {query.dtype} tensors with head dim "
                 f"{query.shape[-1]} on {query.device.type}; use the 'torch' backend"
             )
         return None
@@ -733,16 +821,17 @@ def _local_attention_kernel(
 
 
 def set_local_attention_backend(backend: str) -> None:
-    """Select the implementation of `local_attention_2d`: ``"auto"`` (kernel if configured and loadable, else
-    ``"torch"``), ``"torch"``, ``"flex"`` or ``"kernel"`` (raises if the kernel cannot be loaded)."""
+    """Select the implementation of `local_attention_2d`: ``"auto"`` (compiled kernel if configured and loadable,
+    else on CUDA the Triton kernel if it loads, else ``"torch"``), ``"torch"``, ``"flex"``, ``"kernel"`` or
+    ``"triton"`` (these two raise if their kernel cannot be loaded)."""
     if backend not in _BACKENDS:
         raise ValueError(f"Unknown local attention backend {backend!r}; choose one of {_BACKENDS}.")
-    if backend == "kernel" and _state["kernel"] is None:
-        _state["kernel_error"] = None
+    if backend in _KINDS and _state[backend] is None:
+        _state[f"{backend}_error"] = None
         try:
-            load_local_attention_kernel()
+            _load_kernel(_KINDS[backend], None, None, None, None)
         except RuntimeError as err:
-            raise RuntimeError(f"local attention backend 'kernel' is unavailable: {err}") from err
+            raise RuntimeError(f"local attention backend {backend!r} is unavailable: {err}") from err
     _state["backend"] = backend
 
 
@@ -796,6 +885,10 @@ def local_attention_2d(
     backend = _state["backend"]
     if backend in ("auto", "kernel"):
         kernel = _kernel_for(query, forced=backend == "kernel")
+        if kernel is not None:
+            return _local_attention_kernel(kernel, problem, query, windowed, global_key, global_value, global_key_mask)
+    if backend == "triton" or (backend == "auto" and query.device.type == "cuda"):
+        kernel = _kernel_for(query, forced=backend == "triton", kind="triton")
         if kernel is not None:
             return _local_attention_kernel(kernel, problem, query, windowed, global_key, global_value, global_key_mask)
     if backend == "flex":
