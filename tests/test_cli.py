@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -12,7 +14,9 @@ from safetensors.torch import load_file
 from test_pipeline_cogview2 import build_tiny_pipeline, single_thread  # noqa: F401
 from test_pipeline_cogview2 import spm_model as spm_model  # noqa: F401  (fixture)
 
-from coglm_hf.cli import build_parser, main, make_grid
+from coglm_hf.cli import build_parser, main
+from coglm_hf.demo import default_model_path
+from coglm_hf.image_grid import CANVAS, GAP, grid_columns, make_grid
 from coglm_hf.modeling_icevq import IceVQModel
 from coglm_hf.pipeline_cogview2 import CogView2Pipeline
 
@@ -38,11 +42,51 @@ def test_help(command, capsys):
     text = capsys.readouterr().out
     assert "usage: coglm-hf" in text
     if command:
-        assert "examples:" in text
+        assert "examples" in text
     if command == ["generate"]:
         assert "--prompt" in text and "--num-candidates" in text and "--grid" in text and "--seed" in text
+        # the default model's own facts, not the official 480x480 / 1.15 / 16 / 100 / 40
+        assert "Generate 240x240 images" in text and "10x10 tokens" in text and "30x30 tokens" in text
+        assert "(default 2)" in text and "(default 8,8,8,4,4,2)" in text and "(default 0)" in text
+        assert "480" not in text.split("examples (the real")[0] and "1.15" not in text
+        # every word of the demo world is listed for the examples
+        from coglm_hf.demo.shapes import COLORS, SHAPES
+
+        assert all(word in text for word in [*COLORS, *SHAPES])
     if command == ["convert"]:
         assert "--sat-dir" in text and "cluster_label.npy" in text
+
+
+def test_help_describes_the_model_passed(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model_dir), "--help"])
+    text = capsys.readouterr().out
+    assert f"Generate 96x96 images from text prompts with the model in {model_dir}" in text
+    assert "4x4 tokens (stage 1) -> 12x12 tokens" in text
+
+
+def test_help_and_parsing_import_no_torch():
+    """`coglm-hf --help` must answer fast: neither the package nor the parser may import torch or Transformers."""
+    script = ("import sys, coglm_hf, coglm_hf.cli as cli\n"
+              "cli.build_parser().parse_args(['generate', 'a cat'])\n"
+              "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'numpy') if m in sys.modules)\n"
+              "print(heavy)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_first_public_name_registers_the_auto_classes():
+    script = ("import sys, coglm_hf\n"
+              "from coglm_hf import CogView2Scheduler  # noqa: F401  first use registers\n"
+              "from transformers import AutoModel, AutoTokenizer\n"
+              f"folder = {str(default_model_path())!r}\n"
+              "print(type(AutoModel.from_pretrained(folder + '/base_model')).__name__,"
+              " type(AutoTokenizer.from_pretrained(folder + '/tokenizer')).__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["CogLMModel", "CogLMTokenizer"]
 
 
 def test_generate_writes_pngs_and_grid(model_dir, tmp_path, capsys):
@@ -56,7 +100,15 @@ def test_generate_writes_pngs_and_grid(model_dir, tmp_path, capsys):
     assert stdout.count("wrote") == 5
     images = [np.asarray(PIL.Image.open(out / name)) for name in names[:4]]
     assert all(image.shape == (96, 96, 3) for image in images)
-    assert PIL.Image.open(out / "grid.png").size == (3 * 96, 2 * 96)
+    grid = np.asarray(PIL.Image.open(out / "grid.png"))
+    assert grid.shape[1] == 2 * 96 + GAP and grid.shape[0] > 2 * 96  # 2x2, a caption under each image
+    np.testing.assert_array_equal(grid[:96, 96 + GAP:], images[1])
+    caption = grid[96:grid.shape[0] // 2]
+    assert caption.min() < 100 and np.median(caption) > 200  # dark text on a light canvas
+    # a rerun writes new files next to the old ones
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "grid-2.png" in stdout and len(list(out.iterdir())) == 10
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out / "00-a-cat-0-2.png")), images[0])
     # the files are exactly what the pipeline makes with the same seed and settings
     pipe = CogView2Pipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -145,6 +197,15 @@ def test_convert_complete_pipeline(spm_model, cogview2_fixture_dir, tmp_path, ca
 def test_parser_and_grid_helpers():
     parser = build_parser()
     args = parser.parse_args(["generate", "--model", "m", "--prompt", "x"])
-    assert args.num_images == 1 and args.style is None and args.dtype == "auto"
-    grid = make_grid([PIL.Image.new("RGB", (4, 3), c) for c in ("red", "green", "blue", "white")], columns=3)
-    assert grid.size == (12, 6) and grid.getpixel((5, 1)) == (0, 128, 0) and grid.getpixel((10, 4)) == (255,) * 3
+    assert args.num_images == 1 and args.style is None and args.dtype == "auto" and args.seed == 0
+    assert args.threads is None
+    assert [grid_columns(n) for n in (1, 2, 3, 4, 5, 9, 10)] == [1, 2, 2, 2, 3, 3, 4]
+    tiles = [PIL.Image.new("RGB", (4, 3), c) for c in ("red", "green", "blue", "white")]
+    grid = make_grid([tiles[:3], tiles[3:]])
+    assert grid.size == (12 + 2 * GAP, 6 + GAP) and grid.getpixel((5 + GAP, 1)) == (0, 128, 0)
+    assert grid.getpixel((4, 1)) == grid.getpixel((10, 4 + GAP)) == CANVAS  # the gap, the empty cell
+    with pytest.raises(ValueError, match="one size"):
+        make_grid([[tiles[0], PIL.Image.new("RGB", (5, 5))]])
+    labelled = make_grid([[PIL.Image.new("RGB", (64, 64), "red")]], [["a red square on a blue background"]],
+                         column_titles=["stage 1"])
+    assert labelled.width == 64 and labelled.height > 64 + 12

@@ -1,45 +1,75 @@
 """`coglm-hf`: generate images, edit images and convert the official CogView2 files from the command line.
 
     coglm-hf generate "a yellow circle on a black background"          # the embedded demo model, seconds on a CPU
-    coglm-hf generate --model converted/cogview2 --prompt "a tiger wearing VR glasses" --num-images 4 --grid
-    coglm-hf edit --model converted/cogview2 --image photo.png --box 0.3,0.3,0.7,0.7 --prompt "a red hat"
+    coglm-hf generate "a red star on a white background" -n 4 --grid    # four images and a labelled grid
     coglm-hf convert --sat-dir ~/.sat_models --cluster-labels cluster_label.npy \\
         --text-model ice_text.model --image-model ice_image.pt --output converted/cogview2
+    coglm-hf generate --model converted/cogview2 "a tiger wearing VR glasses"   # the real CogView2 (GPU)
 
 Without --model, `generate`, `edit` and `evaluate` use the small demo model shipped inside the package (trained by
-this project on a procedural world of coloured shapes). For the real CogView2, `convert` the official files once, then
-pass --model. Run `coglm-hf <command> --help` for every option.
+this project on a procedural world of coloured shapes: it knows only its colour, shape and position words). For the
+real CogView2, `convert` the official files once, then pass --model. `coglm-hf <command> --help` lists every option
+with the values of the model it would load (pass --model before --help for another model).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL.Image
-import torch
-
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+STYLES = ("none", "mainbody", "photo", "flat", "comics", "oil", "sketch", "isometric", "chinese", "watercolor")
+DEFAULT_SEED = 0
+# Models below this hidden size run on one CPU thread by default: their matrices are too small for a second thread
+# to pay for its synchronisation (demo model, 2-core machine: 1.5 s of CPU per image with one thread, 14-18 s with
+# two, which spin at every barrier; docs/pipeline.md).
+SMALL_MODEL_HIDDEN_SIZE = 1024
+SAMPLER_OPTIONS = (  # (knob, option help) in the order of the pipeline's stages
+    ("temperature", "stage-1 temperature"),
+    ("top_k_clusters", "stage-1 clusters to sample from"),
+    ("cluster_temperature", "stage-1 temperature inside a cluster"),
+    ("dsr_temperature", "direct-SR temperature"),
+    ("dsr_top_k_clusters", "direct-SR clusters to sample from"),
+    ("dsr_cluster_temperature", "direct-SR temperature inside a cluster"),
+    ("itersr_top_k", "top-k of the LoPAR passes: one number or one per pass, comma-separated"),
+    ("itersr_temperature", "LoPAR temperature"),
+)
 
-GENERATE_EPILOG = """examples:
-  coglm-hf generate --model converted/cogview2 --prompt "a cat sitting on a red sofa"
-  coglm-hf generate --model converted/cogview2 --prompt "一只猫" --prompt "a lighthouse at dusk" \\
-      --num-images 4 --num-candidates 8 --style photo --seed 1 --grid
-  coglm-hf generate --model converted/cogview2 --prompt "a cat" --only-first-stage   # fast 20x20-token preview
-
-Images are written as PNG files to --output-dir (one per image, plus grid.png with --grid).
-A full run needs a GPU: the three CogView2 models take ~24 GB in half precision (--cpu-offload lowers that).
+# the words of the demo's shapes world (coglm_hf.demo.shapes; not imported here: it loads numpy)
+DEMO_EXAMPLES = """examples (the embedded demo model; it knows only the words of its shapes world: the colours red,
+green, blue, yellow, purple, white, black; the shapes circle, square, triangle, star; small, large, above, below,
+to the left of, to the right of, on a … background):
 """
 
-EDIT_EPILOG = """examples:
+GENERATE_EPILOG = DEMO_EXAMPLES + """\
+  coglm-hf generate "a yellow circle on a black background"
+  coglm-hf generate "a red star on a white background" "a small blue square on a yellow background" -n 4 --grid
+  coglm-hf generate "a green triangle on a purple background" --only-first-stage   # stage 1 alone, upscaled
+
+examples (the real CogView2: convert it first, see `coglm-hf convert --help`; a GPU with ~24 GB in float16):
+  coglm-hf generate --model converted/cogview2 "a tiger wearing VR glasses" -n 4 --num-candidates 8 --grid
+  coglm-hf generate --model converted/cogview2 --prompt "一只猫" --prompt "a lighthouse at dusk" --style photo
+
+Images are written as PNG files to --output-dir, one per image (NN-<prompt>-<i>.png); --grid adds one labelled
+grid of the run. Existing files are never overwritten: a rerun gets names ending in -2, -3, ….
+"""
+
+EDIT_EPILOG = DEMO_EXAMPLES + """\
+  coglm-hf generate "a red circle to the left of a blue square on a white background"
+  coglm-hf edit --image outputs/00-a-red-circle-to-the-left-of-a-blue-square-on-a-white-background-0.png \\
+      --box 0,0.5,1,1 --prompt "a red circle to the left of a yellow star on a white background" -n 4 --grid
+
+examples (the real CogView2, converted with `coglm-hf convert`):
   coglm-hf edit --model converted/cogview2 --image photo.jpg --mask mask.png --prompt "a bunch of flowers"
   coglm-hf edit --model converted/cogview2 --image photo.jpg --box 0.25,0.4,0.75,0.9 --prompt "a dog" -n 4
 
-The image is resized (shorter side) and centre-cropped to 480x480. The mask is white where the image is
-regenerated and must have the image's size; --box gives the region as top,left,bottom,right fractions (0..1) of the
-square image instead.
+The image is resized (shorter side) and centre-cropped to the model's image size. The mask is white where the image
+is regenerated and must have the image's size; --box gives the region as top,left,bottom,right fractions (0..1) of
+the square image instead.
 """
 
 CONVERT_EPILOG = """examples:
@@ -53,51 +83,116 @@ tokenizer (prompt ids only); without --image-model it has no image tokenizer (to
 """
 
 
+# ---------------------------------------------------------------------------------------------- the model's facts
+
+
+@dataclass
+class ModelFacts:
+    """What `--help` says about a pipeline folder, read from its JSON configs (no weights, no torch)."""
+
+    name: str
+    stage1_grid: int | None = None
+    hires_grid: int | None = None
+    compress_rate: int | None = None
+    hidden_size: int | None = None
+    sampler: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int | None:
+        """Side in pixels of the full pipeline's images."""
+        grid = self.hires_grid or self.stage1_grid
+        return grid * self.compress_rate if grid and self.compress_rate else None
+
+    def size_text(self) -> str:
+        size = self.image_size
+        return f"{size}x{size}" if size else "square"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def default_model_dir() -> Path:
+    """The embedded demo model's folder (light: imports no torch)."""
+    from .demo import WEIGHTS_DIR
+
+    return WEIGHTS_DIR
+
+
+def describe_model(model: str | None) -> ModelFacts:
+    """Facts of the pipeline folder `model` (None: the embedded demo model); what cannot be read stays None."""
+    folder = default_model_dir() if model is None else Path(model)
+    name = "the embedded demo model (shapes world)" if model is None else f"the model in {model}"
+    base, dsr = _read_json(folder / "base_model" / "config.json"), _read_json(folder / "dsr_model" / "config.json")
+    sampler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    return ModelFacts(
+        name=name, stage1_grid=base.get("image_grid_size"), hires_grid=dsr.get("hires_grid_size"),
+        compress_rate=_read_json(folder / "image_tokenizer" / "config.json").get("compress_rate"),
+        hidden_size=base.get("hidden_size"),
+        sampler={knob: sampler[knob] for knob, _ in SAMPLER_OPTIONS if knob in sampler},
+    )
+
+
+def _model_in(argv: list[str]) -> str | None:
+    """The --model value of a command line, found before parsing (so that --help can describe that model)."""
+    for index, arg in enumerate(argv):
+        if arg == "--model" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--model="):
+            return arg.partition("=")[2]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+
+
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR",
-                        help="converted pipeline folder (written by `coglm-hf convert` or save_pretrained); default: "
-                             "the embedded demo model (shapes world)")
+                        help="pipeline folder (written by `coglm-hf convert` or save_pretrained); default: the "
+                             "embedded demo model (shapes world, 240x240)")
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, facts: ModelFacts, default_style: str) -> None:
     parser.add_argument("--output-dir", default="outputs", metavar="DIR",
                         help="where the PNG files go (created if needed; default: outputs)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"random seed; the same seed and options give the same images (default {DEFAULT_SEED})")
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="model precision (default auto: float16 on GPU as the official code, float32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help=f"CPU threads for torch (default: 1 for small models such as the demo, hidden size < "
+                             f"{SMALL_MODEL_HIDDEN_SIZE}, where more threads are slower; else one per core)")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep models on the CPU and move each to the GPU only while it runs (less GPU memory)")
-    parser.add_argument("--grid", action="store_true", help="also write all images side by side as grid.png")
-    parser.add_argument("--style", default=None,
-                        help="prompt style: none, mainbody, photo, flat, comics, oil, sketch, isometric, chinese, "
-                             "watercolor (default: mainbody for generate, none for edit)")
-    group = parser.add_argument_group("sampling (defaults: the official values)")
-    group.add_argument("--temperature", type=float, help="stage-1 temperature (1.15)")
-    group.add_argument("--top-k-clusters", type=int, help="stage-1 clusters to sample from (16)")
-    group.add_argument("--cluster-temperature", type=float, help="stage-1 temperature inside a cluster (1.0)")
-    group.add_argument("--dsr-temperature", type=float, help="direct-SR temperature (1.0)")
-    group.add_argument("--dsr-top-k-clusters", type=int, help="direct-SR clusters to sample from (100)")
-    group.add_argument("--dsr-cluster-temperature", type=float, help="direct-SR temperature inside a cluster (0.89)")
-    group.add_argument("--itersr-top-k", help="top-k of the 6 LoPAR passes: one number or six comma-separated "
-                                              "(40,40,40,20,20,10)")
-    group.add_argument("--itersr-temperature", type=float, help="LoPAR temperature (1.0)")
+    parser.add_argument("--grid", action="store_true",
+                        help="also write one labelled grid of all the run's images (square-ish)")
+    parser.add_argument("--style", default=None, metavar="STYLE",
+                        help=f"prompt style: {', '.join(STYLES)} (default: {default_style})")
+    group = parser.add_argument_group(f"sampling (defaults: {facts.name}'s scheduler config)")
+    for knob, text in SAMPLER_OPTIONS:
+        value = facts.sampler.get(knob)
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        kind = str if knob == "itersr_top_k" else int if "top_k" in knob else float
+        group.add_argument(f"--{knob.replace('_', '-')}", type=kind,
+                           help=text + (f" (default {value})" if value is not None else ""))
     group.add_argument("--stage1-batch-size", type=int, default=8, help="images generated together in stage 1 (8)")
     group.add_argument("--sr-batch-size", type=int, default=4, help="images per super-resolution chunk (4)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="coglm-hf", description=__doc__.strip().replace("`coglm-hf`: generate", "Generate"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,convert,evaluate}")
-
+def _add_generate_command(commands, facts: ModelFacts) -> None:
+    size = facts.size_text()
+    grids = (f"{facts.stage1_grid}x{facts.stage1_grid} tokens (stage 1) -> {facts.hires_grid}x{facts.hires_grid} "
+             "tokens (super-resolution) -> pixels" if facts.stage1_grid and facts.hires_grid else "")
     generate = commands.add_parser(
-        "generate", help="text → 480x480 images", epilog=GENERATE_EPILOG,
-        description="Generate 480x480 images from text prompts with CogView2:\n"
-                    "20x20 tokens (stage 1) -> 60x60 tokens (super-resolution) -> pixels.",
+        "generate", help=f"text -> images ({size} with the default model)",
+        epilog=GENERATE_EPILOG,
+        description=f"Generate {size} images from text prompts with {facts.name}" + (f":\n{grids}." if grids else "."),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_argument(generate)
@@ -108,14 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-candidates", type=int, default=None,
                           help="generate this many first-stage candidates per prompt and keep the --num-images "
                                "that fit the prompt best (post-selection by caption likelihood)")
+    preview = f"{facts.stage1_grid}x{facts.stage1_grid}-token" if facts.stage1_grid else "stage-1"
     generate.add_argument("--only-first-stage", action="store_true",
-                          help="skip super-resolution: a quick 20x20-token preview, upscaled to 480x480")
-    _add_run_options(generate)
+                          help=f"skip super-resolution: a quick {preview} preview, upscaled to {size}")
+    _add_run_options(generate, facts, "mainbody")
 
+
+def _add_edit_command(commands, facts: ModelFacts) -> None:
     edit = commands.add_parser(
-        "edit", help="regenerate a region of an image to match a prompt", epilog=EDIT_EPILOG,
-        description="Text-guided editing: CogView2 regenerates the masked region of an image so that it shows\n"
-                    "the prompt, keeping the rest.",
+        "edit", help="regenerate a region of an image to match a prompt",
+        epilog=EDIT_EPILOG,
+        description=f"Text-guided editing with {facts.name}: it regenerates the masked region of an image\n"
+                    f"({facts.size_text()}) so that it shows the prompt, keeping the rest.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_argument(edit)
@@ -126,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     region.add_argument("--box", metavar="TOP,LEFT,BOTTOM,RIGHT",
                         help="region to regenerate as fractions (0..1) of the square image, e.g. 0.3,0.3,0.7,0.7")
     edit.add_argument("-n", "--num-images", type=int, default=1, help="edited versions to make (default 1)")
-    _add_run_options(edit)
+    _add_run_options(edit, facts, "none")
 
+
+def _add_convert_command(commands) -> None:
     convert = commands.add_parser(
-        "convert", help="official CogView2 files → a pipeline folder", epilog=CONVERT_EPILOG,
+        "convert", help="official CogView2 files -> a pipeline folder", epilog=CONVERT_EPILOG,
         description="Convert the official CogView2 checkpoints (SwissArmyTransformer folders), icetk's tokenizers\n"
                     "and the cluster table into one folder that `coglm-hf generate` and CogView2Pipeline load.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -150,6 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     convert.add_argument("--no-deduplicate", action="store_true",
                          help="write tensors shared by several models once per model instead of once in all")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `coglm-hf evaluate` (shared with `python -m coglm_hf.demo.evaluate`)."""
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded demo model)")
+    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts (default 24)")
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    parser.add_argument("--config", action="append", default=None, dest="configs",
+                        help="run only this configuration (repeatable); default: all")
+    parser.add_argument("--edits", type=int, default=24,
+                        help="editing trials for the editing table (0: skip; needs the SR stages)")
+    parser.add_argument("--grid", default=None, help="write a picture grid PNG here")
+    parser.add_argument("--edit-grid", default=None, help="write a picture grid of edits PNG here")
+    parser.add_argument("--json", default=None, help="write the rows as JSON here")
+
+
+def _add_evaluate_command(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="prompt adherence of a shapes-world model (the demo) with a deterministic judge",
         description="Generate images for held-out prompts of the procedural shapes world and judge whether the\n"
@@ -157,16 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "cluster sampling, text up-weighting and post-selection. Prints a table with the chance level.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .demo.evaluate import add_arguments as add_evaluate_arguments
-
     add_evaluate_arguments(evaluate)
+
+
+def build_parser(model: str | None = None) -> argparse.ArgumentParser:
+    """The `coglm-hf` parser; `generate`/`edit` help texts describe the pipeline folder `model` (default: demo)."""
+    parser = argparse.ArgumentParser(
+        prog="coglm-hf", description=__doc__.strip().replace("`coglm-hf`: generate", "Generate"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,convert,evaluate}")
+    facts = describe_model(model)
+    _add_generate_command(commands, facts)
+    _add_edit_command(commands, facts)
+    _add_convert_command(commands)
+    _add_evaluate_command(commands)
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- running
+
+
 def _sampler_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {name: getattr(args, name) for name in (
-        "temperature", "top_k_clusters", "cluster_temperature", "dsr_temperature", "dsr_top_k_clusters",
-        "dsr_cluster_temperature", "itersr_temperature")}
+    kwargs = {knob: getattr(args, knob) for knob, _ in SAMPLER_OPTIONS if knob != "itersr_top_k"}
     if args.itersr_top_k is not None:
         try:
             values = [int(v) for v in args.itersr_top_k.split(",")]
@@ -179,20 +311,35 @@ def _sampler_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _set_threads(args: argparse.Namespace, facts: ModelFacts) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif facts.hidden_size is not None and facts.hidden_size < SMALL_MODEL_HIDDEN_SIZE:
+        torch.set_num_threads(1)
+
+
 def _load(pipeline_cls, args: argparse.Namespace):
+    import torch
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    if args.model is None:
-        from .demo import default_model_path
-
-        args.model = str(default_model_path())
-    elif not Path(args.model).is_dir():
+    if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model} is not a folder; convert the official files first with "
                                 "`coglm-hf convert`")
-    pipe = pipeline_cls.from_pretrained(args.model, dtype=dtype)
+    folder = args.model
+    if folder is None:
+        from .demo import default_model_path
+
+        folder = str(default_model_path())
+    _set_threads(args, describe_model(args.model))
+    pipe = pipeline_cls.from_pretrained(folder, dtype=dtype)
     if args.cpu_offload:
         if device.type != "cuda":
             raise ValueError("--cpu-offload needs a GPU (it moves each model to the GPU while it runs)")
@@ -208,28 +355,32 @@ def _slug(text: str) -> str:
     return slug[:40] or "prompt"
 
 
-def make_grid(images: list[PIL.Image.Image], columns: int = 3) -> PIL.Image.Image:
-    """Tile images (all of one size) row by row, `columns` per row (the official script saves 3 per row)."""
-    width, height = images[0].size
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    grid = PIL.Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+def _unused_path(folder: Path, stem: str, taken: set[Path]) -> Path:
+    """`folder/stem.png`, or `stem-2.png`, `stem-3.png`, … when that file exists (or this run already chose it)."""
+    path, number = folder / f"{stem}.png", 1
+    while path.exists() or path in taken:
+        number += 1
+        path = folder / f"{stem}-{number}.png"
+    return path
 
 
-def _save_images(images: list[PIL.Image.Image], names: list[str], args: argparse.Namespace) -> list[Path]:
+def _save_images(images: list, names: list[str], labels: list[str], args: argparse.Namespace) -> list[Path]:
+    """Write one PNG per image (never over an existing file) and, with --grid, one labelled square-ish grid."""
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     for image, name in zip(images, names):
-        path = output_dir / f"{name}.png"
+        path = _unused_path(output_dir, name, set(written))
         image.save(path)
         written.append(path)
     if args.grid:
-        path = output_dir / "grid.png"
-        make_grid(images).save(path)
+        from .image_grid import grid_columns, make_grid
+
+        columns = grid_columns(len(images))
+        rows = [images[i:i + columns] for i in range(0, len(images), columns)]
+        captions = [labels[i:i + columns] for i in range(0, len(labels), columns)]
+        path = _unused_path(output_dir, "grid", set(written))
+        make_grid(rows, captions).save(path)
         written.append(path)
     return written
 
@@ -237,20 +388,23 @@ def _save_images(images: list[PIL.Image.Image], names: list[str], args: argparse
 def run_generate(args: argparse.Namespace) -> list[Path]:
     from .pipeline_cogview2 import CogView2Pipeline
 
-    args.prompt = list(args.prompts) + list(args.prompt)
-    if not args.prompt:
+    prompts = list(args.prompts) + list(args.prompt)
+    if not prompts:
         raise ValueError('give at least one prompt, e.g. coglm-hf generate "a yellow circle on a black background"')
     pipe, generator = _load(CogView2Pipeline, args)
     output = pipe(
-        prompt=args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.num_candidates,
+        prompt=prompts, num_images_per_prompt=args.num_images, num_candidates=args.num_candidates,
         style=args.style or "mainbody", only_first_stage=args.only_first_stage, generator=generator,
         output_type="pil", **_sampler_kwargs(args),
     )
-    names = [f"{p:02d}-{_slug(prompt)}-{i}" for p, prompt in enumerate(args.prompt) for i in range(args.num_images)]
-    return _save_images(output.images, names, args)
+    names = [f"{p:02d}-{_slug(prompt)}-{i}" for p, prompt in enumerate(prompts) for i in range(args.num_images)]
+    labels = [f"{prompt} (#{i}, seed {args.seed})" for prompt in prompts for i in range(args.num_images)]
+    return _save_images(output.images, names, labels, args)
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
+    import PIL.Image
+
     from .pipeline_cogview2_inpaint import CogView2InpaintPipeline
 
     if not Path(args.image).is_file():
@@ -271,7 +425,8 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     output = pipe(prompt=args.prompt, image=image, mask_image=mask, mask_box=box, num_images_per_prompt=args.num_images,
                   style=args.style or "none", generator=generator, output_type="pil", **_sampler_kwargs(args))
     names = [f"edit-{_slug(args.prompt)}-{i}" for i in range(args.num_images)]
-    return _save_images(output.images, names, args)
+    labels = [f"{args.prompt} (#{i}, seed {args.seed})" for i in range(args.num_images)]
+    return _save_images(output.images, names, labels, args)
 
 
 def run_convert(args: argparse.Namespace) -> list[Path]:
@@ -298,7 +453,8 @@ COMMANDS = {"generate": run_generate, "edit": run_edit, "convert": run_convert, 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `coglm-hf` command; returns the exit code (0 ok, 1 error, 2 bad arguments)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_model_in(argv)).parse_args(argv)
     try:
         written = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cli import add_evaluate_arguments
 from .judge import judge, judge_scene
 from .shapes import (
     HIRES_SIZE,
@@ -212,21 +213,6 @@ def format_table(rows: list[EvalRow]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `coglm-hf evaluate` (shared with `python -m coglm_hf.demo.evaluate`)."""
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded demo model)")
-    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts (default 24)")
-    parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", action="append", default=None, dest="configs",
-                        help="run only this configuration (repeatable); default: all")
-    parser.add_argument("--edits", type=int, default=24,
-                        help="editing trials for the editing table (0: skip; needs the SR stages)")
-    parser.add_argument("--grid", default=None, help="write a picture grid PNG here")
-    parser.add_argument("--edit-grid", default=None, help="write a picture grid of edits PNG here")
-    parser.add_argument("--json", default=None, help="write the rows as JSON here")
-
-
 def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
     """Entry point of `coglm-hf evaluate`: load, evaluate, print the tables (and write grid/JSON if asked)."""
     from ..pipeline_cogview2 import CogView2Pipeline
@@ -252,7 +238,7 @@ def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coglm_hf.demo.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_evaluate_arguments(parser)
     torch.set_num_threads(1)
     run_evaluate(parser.parse_args(argv))
     return 0
