@@ -77,8 +77,10 @@ CONVERT_EPILOG = """examples:
       --text-model ~/.icetk_models/ice_text.model --image-model ~/.icetk_models/ice_image.pt \\
       --dtype float16 --output converted/cogview2
 
---sat-dir is the folder holding the three official model folders coglm/, cogview2-dsr/ and cogview2-itersr/
-(SAT_HOME); pass --coglm/--dsr/--itersr to point at them one by one. Without --text-model the pipeline has no
+--sat-dir is the folder holding the three official models: the folders coglm/, cogview2-dsr/ and cogview2-itersr/
+(SAT_HOME), the same under the Hugging Face mirror's sharefs/cogview-new/, or the zips coglm.zip, cogview2-dsr.zip,
+cogview2-itersr.zip as downloaded; pass --coglm/--dsr/--itersr to point at folders one by one. One model is in
+memory at a time (about the size of its checkpoint file). Without --text-model the pipeline has no
 tokenizer (prompt ids only); without --image-model it has no image tokenizer (token output only).
 """
 
@@ -236,7 +238,8 @@ def _add_convert_command(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("--output", required=True, metavar="DIR", help="pipeline folder to write (atomically)")
-    convert.add_argument("--sat-dir", metavar="DIR", help="folder holding coglm/, cogview2-dsr/, cogview2-itersr/")
+    convert.add_argument("--sat-dir", metavar="DIR", help="folder holding coglm/, cogview2-dsr/, cogview2-itersr/ "
+                                                         "(or their zips)")
     convert.add_argument("--coglm", metavar="DIR", help="the coglm folder (overrides --sat-dir)")
     convert.add_argument("--dsr", metavar="DIR", help="the cogview2-dsr folder (overrides --sat-dir)")
     convert.add_argument("--itersr", metavar="DIR", help="the cogview2-itersr folder (overrides --sat-dir)")

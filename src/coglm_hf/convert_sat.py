@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
+from .safetensors_streaming import write_sharded_weights
 
 logger = logging.getLogger(__name__)
 
@@ -220,26 +221,52 @@ def model_class_for(kind: str):
     return CogLMForDirectSuperResolution if kind == "dsr" else CogLMForIterativeSuperResolution
 
 
-def load_converted_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "float32"):
-    """Load a SAT folder straight into the matching coglm_hf model (no files written)."""
-    state_dict, model_config, _ = load_sat_state_dict(model_dir)
+def build_empty_model(state_dict: dict[str, torch.Tensor], model_config: dict):
+    """The coglm_hf model a SAT state dict converts to, on the meta device (no memory), checked key by key.
+
+    Returns ``(model, kind, converted)`` where ``converted`` maps coglm_hf keys to the (untouched) SAT tensors.
+    """
     kind = detect_model_kind(state_dict)
     config = config_from_sat(state_dict, model_config, kind)
-    model = model_class_for(kind)(config)
+    with torch.device("meta"):
+        model = model_class_for(kind)(config)
     converted = convert_state_dict(state_dict)
-    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
+    targets = model.state_dict()
+    expected = {k for k in targets if k != "lm_head.weight"}
     missing, unexpected = expected - converted.keys(), converted.keys() - expected
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the {kind} model: missing {sorted(missing)[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
     for key, tensor in converted.items():
-        target = model.state_dict()[key]
-        if target.shape != tensor.shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
-    model.load_state_dict(converted, strict=False)
-    model.tie_weights()
+        if targets[key].shape != tensor.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(targets[key].shape)}")
+    return model, kind, converted
+
+
+def load_converted_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "float32"):
+    """Load a SAT folder straight into the matching coglm_hf model (no files written).
+
+    The model is built without weights and takes the checkpoint's tensors directly: where the file already holds
+    ``dtype`` they stay memory-mapped, otherwise each is converted once.
+    """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    return model.to(torch_dtype).eval(), kind
+    state_dict, model_config, _ = load_sat_state_dict(model_dir)
+    model, kind, converted = build_empty_model(state_dict, model_config)
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in converted.items()}, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval(), kind
+
+
+def save_converted_model(model, converted: dict[str, torch.Tensor], folder: str | os.PathLike,
+                         dtype: torch.dtype, max_shard_size: str | int = "5GB", **shard_options) -> None:
+    """``save_pretrained`` for a model built by `build_empty_model`: config and code as usual, then the weights
+    streamed from ``converted`` into safetensors shards (see `coglm_hf.safetensors_streaming`).
+
+    ``shard_options`` (``shared_files``, ``written``) go to `write_sharded_weights`.
+    """
+    model.to(dtype)  # on the meta device: only records the dtype the config states
+    type(model).save_pretrained(model, folder, state_dict={})
+    write_sharded_weights(folder, converted, dtype, max_shard_size, **shard_options)
 
 
 def atomic_output_dir(output_dir: Path, overwrite: bool):
@@ -279,6 +306,9 @@ def convert_sat_checkpoint(
 ) -> Path:
     """Convert one SAT folder into a ``save_pretrained`` folder (safetensors, config, remote code).
 
+    Memory: the checkpoint is memory-mapped and each tensor is streamed into the output, so the peak is about the
+    size of the input file whatever ``dtype`` is (no model is materialised).
+
     Args:
         input_dir: the SAT model folder (``coglm``, ``cogview2-dsr`` or ``cogview2-itersr``).
         output_dir: target folder; written atomically.
@@ -289,15 +319,17 @@ def convert_sat_checkpoint(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     output_dir = Path(output_dir)
-    model, kind = load_converted_model(input_dir, dtype)
+    state_dict, model_config, _ = load_sat_state_dict(input_dir)
+    model, kind, converted = build_empty_model(state_dict, model_config)
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        save_converted_model(model, converted, tmp, DTYPES[dtype], max_shard_size)
     logger.info("converted %s checkpoint %s → %s", kind, input_dir, output_dir)
     return output_dir
 
 
 __all__ = [
     "MODEL_KINDS",
+    "build_empty_model",
     "config_from_sat",
     "convert_sat_checkpoint",
     "convert_state_dict",
@@ -305,4 +337,5 @@ __all__ = [
     "load_converted_model",
     "load_sat_state_dict",
     "map_key",
+    "save_converted_model",
 ]
