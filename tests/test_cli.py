@@ -118,6 +118,13 @@ def test_generate_writes_pngs_and_grid(model_dir, tmp_path, capsys):
         np.testing.assert_array_equal(image, np.asarray(reference))
 
 
+def test_generate_warns_about_words_the_demo_does_not_know(tmp_path, capsys):
+    code, _, err = run(["generate", "a tiger wearing VR glasses", "--only-first-stage", "--output-dir", tmp_path],
+                       capsys)
+    assert code == 0
+    assert "coglm-hf generate: warning: " in err and "tiger, wearing, VR, glasses" in err and "triangle" in err
+
+
 def test_generate_first_stage_with_post_selection(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = run(["generate", "--model", model_dir, "--prompt", "a cat", "--num-candidates", 3,

@@ -215,6 +215,28 @@ def test_demo_ships_no_code_and_exports_a_remote_code_copy(demo_pipeline, tmp_pa
     assert child["tokens"] == expected.flatten().tolist()
 
 
+def test_prompts_outside_the_demo_vocabulary_warn_naming_the_words():
+    import warnings
+
+    from coglm_hf.demo.shapes import COLORS, SHAPES
+    from coglm_hf.tokenization_coglm import CogLMTokenizer, UnknownWordsWarning
+
+    tokenizer = CogLMTokenizer.from_pretrained(default_model_path() / "tokenizer")
+    assert tokenizer.unknown_words("a tiger wearing VR glasses on a red background") == ["tiger", "wearing", "VR",
+                                                                                           "glasses"]
+    assert tokenizer.unknown_words("一只老虎在红色背景上") == ["只老虎"]
+    assert set(COLORS) | set(SHAPES) <= set(tokenizer.known_words())
+    with pytest.warns(UnknownWordsWarning, match=r"does not know.*tiger, wearing, VR, glasses; it knows only these "
+                                                 r"words: .*circle"):
+        ids = tokenizer.encode_prompt("a tiger wearing VR glasses")
+    assert tokenizer.unk_token_id in ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sample in ShapesDataset(seed=1, length=20):  # the world's own captions: no warning
+            tokenizer.encode_prompt(sample.caption_en)
+            tokenizer.encode_prompt(sample.caption_zh)
+
+
 def test_edit_trials_replace_the_right_shape_with_a_held_out_target():
     from coglm_hf.demo.evaluate_editing import edit_trials
 

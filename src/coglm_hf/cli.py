@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,7 +356,7 @@ def _load(pipeline_cls, args: argparse.Namespace):
 
 def _slug(text: str) -> str:
     slug = re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-").lower()
-    return slug[:40] or "prompt"
+    return slug[:80] or "prompt"
 
 
 def _unused_path(folder: Path, stem: str, taken: set[Path]) -> Path:
@@ -458,8 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `coglm-hf` command; returns the exit code (0 ok, 1 error, 2 bad arguments)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_model_in(argv)).parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"coglm-hf {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        written = COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show_warning  # one line each, as the errors (catch_warnings restores it)
+            written = COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         print(f"coglm-hf {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import Unigram
@@ -47,6 +48,14 @@ STYLE_TEMPLATES: dict[str, str] = {
     "chinese": "{} 水墨国画<start_of_image>",
     "watercolor": "{} 水彩画风格<start_of_image>",
 }
+
+# Vocabularies up to this many text pieces (the demo's) are listed in full when a prompt has unknown words.
+LISTED_VOCABULARY_SIZE = 300
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt has words the tokenizer has no pieces for: the model reads them as `<unk>`."""
+
 
 # sentencepiece ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -402,6 +411,31 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
         """True for ids of sentencepiece pieces (`text_token_offset <= id < text_token_offset + num_text_tokens`)."""
         return self.text_token_offset <= token_id < self.text_token_offset + self.num_text_tokens
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The parts of `text` the vocabulary has no piece for (they become `<unk>`), in order, without repeats."""
+        encoding = self.backend_tokenizer.encode(text, add_special_tokens=False)
+        spans = [text[start:end].strip() for token_id, (start, end) in zip(encoding.ids, encoding.offsets)
+                 if token_id == self.unk_token_id]
+        return list(dict.fromkeys(span for span in spans if span))
+
+    def known_words(self) -> list[str]:
+        """Every text piece of the vocabulary as a word (without the leading "▁"), sorted."""
+        specials = {self.unk_token, self.pad_token}
+        words = {piece.removeprefix("▁") for piece, token_id in self.get_vocab().items()
+                 if self.is_text_token(token_id) and piece not in specials and not piece.startswith("<")}
+        return sorted(word for word in words if any(char.isalnum() for char in word))
+
+    def _warn_unknown_words(self, text: str) -> None:
+        unknown = self.unknown_words(text)
+        if not unknown:
+            return
+        if self.num_text_tokens <= LISTED_VOCABULARY_SIZE:
+            known = f"it knows only these words: {', '.join(self.known_words())}"
+        else:
+            known = f"its vocabulary has {self.num_text_tokens} pieces"
+        warnings.warn(f"the prompt {text!r} has words this model's tokenizer does not know, read as <unk>: "
+                      f"{', '.join(unknown)}; {known}", UnknownWordsWarning, stacklevel=3)
+
     def encode_prompt(self, text: str, style: str = "mainbody") -> list[int]:
         """Token ids of a text-to-image prompt in CogView2's template for `style` (§3.1).
 
@@ -411,11 +445,16 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
         Args:
             text: the user prompt (English or Chinese).
             style: a key of `STYLE_TEMPLATES` (`"mainbody"` is the official default; `"none"` adds no suffix).
+
+        Warns:
+            UnknownWordsWarning: `text` has words without a piece in the vocabulary (they would be read as `<unk>`);
+                the message names them and, for a small vocabulary (the demo's), every word the model knows.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if style not in self.style_templates:
             raise ValueError(f"unknown style {style!r}; choose one of {sorted(self.style_templates)}")
+        self._warn_unknown_words(text)
         ids = self.encode(self.style_templates[style].format(text), add_special_tokens=False)
         if ids[-1] != self.boi_token_id:
             raise ValueError(f"the prompt template for {style!r} did not end with {BOI_TOKEN}: {ids[-4:]}")
@@ -430,4 +469,4 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
         return super()._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
-__all__ = ["CogLMTokenizer", "STYLE_TEMPLATES", "read_sentencepiece_model"]
+__all__ = ["CogLMTokenizer", "STYLE_TEMPLATES", "UnknownWordsWarning", "read_sentencepiece_model"]
