@@ -267,6 +267,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only this configuration (repeatable); default: all")
     parser.add_argument("--edits", type=int, default=24,
                         help="editing trials for the editing table (0: skip; needs the SR stages)")
+    parser.add_argument("--captions", type=int, default=24,
+                        help="held-out scenes for the captioning table (0: skip)")
     parser.add_argument("--grid", default=None, help="write a picture grid PNG here")
     parser.add_argument("--edit-grid", default=None, help="write a picture grid of edits PNG here")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")

@@ -18,7 +18,8 @@ Configurations (the paper's claims, §3 and §4 of the reference):
   post-selection (best of `num_candidates` by caption likelihood);
 * the full pipeline (direct + iterative super-resolution), which must keep stage 1's adherence at 3× resolution.
 
-With the SR stages present, a second table measures text-guided editing (`coglm_hf.demo.evaluate_editing`).
+With the SR stages present, a second table measures text-guided editing (`coglm_hf.demo.evaluate_editing`). A third
+table measures captioning with the base model (`coglm_hf.demo.evaluate_captioning`).
 """
 
 from __future__ import annotations
@@ -217,10 +218,13 @@ def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
     """Entry point of `coglm-hf evaluate`: load, evaluate, print the tables (and write grid/JSON if asked)."""
     from ..pipeline_cogview2 import CogView2Pipeline
     from . import default_model_path
+    from .evaluate_captioning import captioning_rows, format_caption_table
     from .evaluate_editing import editing_rows, format_edit_table
 
     if args.edits < 0:
         raise ValueError(f"--edits must be >= 0, got {args.edits}")
+    if args.captions < 0:
+        raise ValueError(f"--captions must be >= 0, got {args.captions}")
     pipeline = CogView2Pipeline.from_pretrained(args.model or default_model_path())
     rows = evaluate(pipeline, args.prompts, args.images_per_prompt, args.seed, args.configs, args.grid)
     print(format_table(rows))
@@ -229,8 +233,15 @@ def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
         edits = editing_rows(pipeline, args.edits, args.images_per_prompt, args.seed, args.edit_grid)
         print()
         print(format_edit_table(edits))
+    captions = []
+    if args.captions and pipeline.tokenizer is not None and pipeline.image_tokenizer is not None:
+        scenes = [sample.scene for sample in heldout_prompts(args.captions)]
+        captions = captioning_rows(pipeline, scenes, args.seed)
+        print()
+        print(format_caption_table(captions))
     if args.json:
-        report = {"generation": [asdict(r) for r in rows], "editing": [asdict(r) for r in edits]}
+        report = {"generation": [asdict(r) for r in rows], "editing": [asdict(r) for r in edits],
+                  "captioning": [asdict(r) for r in captions]}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return rows
 

@@ -23,7 +23,9 @@ before them; inside a region ``(l, r)`` positions ``l … r-1`` predict ``l+1 �
   caption is predicted). Non-patch image tokens see only each other; patch tokens are causal over the patches in
   raster order and see every non-patch token; the caption sees the whole image. The tag is ``<start_of_english>``
   when every caption id is below ``text_token_offset + chinese_piece_start`` (icetk: 83823), else
-  ``<start_of_chinese>``.
+  ``<start_of_chinese>``. With ``caption_end_token_id`` (not in the official layout) the caption is followed by that
+  id, predicted like the caption, so that a model finetuned this way learns where captions end (captioning
+  generation stops there; see ``CogView2CaptionPipeline``).
 
 Labels are -100 everywhere except at predicted positions, so ``labels.ne(-100).sum()`` (what the Trainer uses for
 ``num_items_in_batch``) equals the number of loss terms.
@@ -130,14 +132,20 @@ def caption_row(
     patch_mask: torch.Tensor,
     language_token_id: int,
     config: CogLMConfig,
+    end_token_id: int | None = None,
 ) -> CogLMRow:
     """Mask prediction + captioning row ``[image (N), tag, caption (C)]`` (§3.8 as one Eq. 1 instance).
 
     Regions: the per-row runs of ``patch_mask`` (see :func:`patch_regions`), then ``(N, N+C)`` for tag + caption.
-    Positions: image ``boi_position_id + 1 …``, tag 0, caption ``1 … C``.
+    Positions: image ``boi_position_id + 1 …``, tag 0, caption ``1 … C``. ``end_token_id`` (optional) is appended
+    to the caption (and counted in ``C``): the end-of-caption target of captioning finetunes.
     """
     # the caption's last position C must stay below the <start_of_image> position
-    text = list(text_ids)[: min(config.max_text_length, config.boi_position_id - 1)]
+    limit = min(config.max_text_length, config.boi_position_id - 1)
+    if end_token_id is None:
+        text = list(text_ids)[:limit]
+    else:
+        text = list(text_ids)[: limit - 1] + [int(end_token_id)]
     image = image_tokens.reshape(-1).tolist()
     num_image = len(image)
     input_ids = image + [language_token_id] + text
@@ -230,6 +238,9 @@ class CogLMPretrainingCollator(_SeededCollator):
         chinese_piece_start: first sentencepiece id counted as Chinese for the language tag (icetk: 63823).
         text_attention_bias: ``c`` passed to the model. The +1.4 text up-weighting is an inference-time device
             (§3.2) and §3.8 lists no bias for pretraining, so training uses 0; ``None`` keeps the config's value.
+        caption_end_token_id: a text id appended to every caption of a captioning row (and predicted), e.g. the
+            tokenizer's ``<eos>`` piece, so that captioning learns to stop; ``None`` (default) is the official
+            layout, where captions have no end.
         seed: seed of every random choice.
 
     Returns (``__call__``): ``input_ids``, ``position_ids``, ``attention_mask`` (``[batch, seq]``, 0 on padding),
@@ -245,9 +256,12 @@ class CogLMPretrainingCollator(_SeededCollator):
         patch_size: int = 4,
         chinese_piece_start: int = ICETK_CHINESE_PIECE_START,
         text_attention_bias: float | None = 0.0,
+        caption_end_token_id: int | None = None,
         seed: int = 0,
     ):
         super().__init__(config, seed)
+        if caption_end_token_id is not None:
+            _as_text([caption_end_token_id], config, "caption_end_token_id")
         if not 0.0 <= caption_ratio <= 1.0:
             raise ValueError(f"caption_ratio must be in [0, 1], got {caption_ratio}")
         if not 0 < patch_size <= config.image_grid_size:
@@ -259,6 +273,7 @@ class CogLMPretrainingCollator(_SeededCollator):
         self.patch_size = int(patch_size)
         self.chinese_piece_start = int(chinese_piece_start)
         self.text_attention_bias = text_attention_bias
+        self.caption_end_token_id = caption_end_token_id
 
     def row(self, feature: dict) -> CogLMRow:
         """Build one row from a sample (random choices from :meth:`sample_generator`)."""
@@ -271,7 +286,7 @@ class CogLMPretrainingCollator(_SeededCollator):
         if bool(torch.rand(1, generator=generator) < self.caption_ratio):
             patches = sample_patch_mask(config.image_grid_size, self.patch_size, self.mask_coverage, generator)
             tag = language_token_id(text, config, self.chinese_piece_start)
-            return caption_row(image, text, patches, tag, config)
+            return caption_row(image, text, patches, tag, config, self.caption_end_token_id)
         return text_to_image_row(text, image, config)
 
     def __call__(self, features: Sequence[dict]) -> dict:
