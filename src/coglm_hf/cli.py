@@ -1,12 +1,14 @@
-"""`coglm-hf`: generate images, edit images and convert the official CogView2 files from the command line.
+"""`coglm-hf`: generate, edit and caption images, serve the web app and convert the official CogView2 files.
 
     coglm-hf generate "a yellow circle on a black background"          # the embedded demo model, seconds on a CPU
     coglm-hf generate "a red star on a white background" -n 4 --grid    # four images and a labelled grid
     coglm-hf convert --sat-dir ~/.sat_models --cluster-labels cluster_label.npy \\
         --text-model ice_text.model --image-model ice_image.pt --output converted/cogview2
     coglm-hf generate --model converted/cogview2 "a tiger wearing VR glasses"   # the real CogView2 (GPU)
+    coglm-hf caption photo.png --language en --num-captions 3          # image -> text
+    coglm-hf serve                                                      # web app (pip install "coglm-hf[app]")
 
-Without --model, `generate`, `edit` and `evaluate` use the small demo model shipped inside the package (trained by
+Without --model, `generate`, `edit`, `caption`, `serve` and `evaluate` use the small demo model shipped inside the package (trained by
 this project on a procedural world of coloured shapes: it knows only its colour, shape and position words). For the
 real CogView2, `convert` the official files once, then pass --model. `coglm-hf <command> --help` lists every option
 with the values of the model it would load (pass --model before --help for another model).
@@ -71,6 +73,23 @@ examples (the real CogView2, converted with `coglm-hf convert`):
 The image is resized (shorter side) and centre-cropped to the model's image size. The mask is white where the image
 is regenerated and must have the image's size; --box gives the region as top,left,bottom,right fractions (0..1) of
 the square image instead.
+"""
+
+CAPTION_EPILOG = """examples:
+  coglm-hf caption photo.png                                   # greedy, English
+  coglm-hf caption a.png b.jpg --language zh --num-captions 3  # 3 beams each, best caption score first
+  coglm-hf caption photo.png --num-captions 4 --sample --seed 1
+
+One caption per line; with several images each line starts with the file name. The image is resized (shorter
+side) and centre-cropped to the stage-1 size (160x160 for CogView2) and encoded into 20x20 tokens.
+"""
+
+SERVE_EPILOG = """examples:
+  coglm-hf serve                                   # the demo model on http://127.0.0.1:7860
+  coglm-hf serve --model converted/cogview2 --device cuda --port 8080
+
+Needs the app extra: pip install "coglm-hf[app]". The app runs offline (no analytics, nothing fetched from the
+network); its named API endpoints /generate, /edit and /caption can be called with gradio_client.
 """
 
 CONVERT_EPILOG = """examples:
@@ -231,6 +250,48 @@ def _add_edit_command(commands, facts: ModelFacts) -> None:
     _add_run_options(edit, facts, "none")
 
 
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="model precision (default auto: float16 on GPU, float32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for small models such as the demo, else torch's)")
+
+
+def _add_caption_command(commands) -> None:
+    caption = commands.add_parser(
+        "caption", help="image → text (CogLM captioning)", epilog=CAPTION_EPILOG,
+        description="Caption images with the CogLM base model: the image becomes stage-1 tokens and the caption\n"
+                    "is generated after a language tag, as in CogLM's pretraining captioning rows.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_argument(caption)
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, …)")
+    caption.add_argument("--language", choices=("en", "zh"), default="en", help="caption language (default en)")
+    caption.add_argument("--num-captions", type=int, default=1,
+                         help="captions per image (default 1; more use beam search unless --sample), ranked by "
+                              "caption score")
+    caption.add_argument("--sample", action="store_true", help="sample captions instead of greedy / beam search")
+    caption.add_argument("--num-beams", type=int, default=None,
+                         help="beam width (default: 1 for one caption, else max(4, --num-captions))")
+    caption.add_argument("--max-new-tokens", type=int, default=None, help="longest caption in tokens")
+    caption.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed of --sample ({DEFAULT_SEED})")
+    _add_device_options(caption)
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="web app: generate, edit and caption in the browser", epilog=SERVE_EPILOG,
+        description="Start the Gradio app (three tabs: Generate, Edit, Caption) on the given model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_argument(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    serve.add_argument("--max-images", type=int, default=4, help="most images one request may ask for (default 4)")
+    _add_device_options(serve)
+
+
 def _add_convert_command(commands) -> None:
     convert = commands.add_parser(
         "convert", help="official CogView2 files -> a pipeline folder", epilog=CONVERT_EPILOG,
@@ -291,10 +352,12 @@ def build_parser(model: str | None = None) -> argparse.ArgumentParser:
         prog="coglm-hf", description=__doc__.strip().replace("`coglm-hf`: generate", "Generate"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,convert,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,caption,serve,convert,evaluate}")
     facts = describe_model(model)
     _add_generate_command(commands, facts)
     _add_edit_command(commands, facts)
+    _add_caption_command(commands)
+    _add_serve_command(commands)
     _add_convert_command(commands)
     _add_evaluate_command(commands)
     return parser
@@ -435,6 +498,48 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     return _save_images(output.images, names, labels, args)
 
 
+def run_caption(args: argparse.Namespace) -> list[Path]:
+    import PIL.Image
+
+    from .pipeline_cogview2_caption import CogView2CaptionPipeline
+
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
+    images = []
+    for path in args.images:
+        try:
+            with PIL.Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except PIL.UnidentifiedImageError:
+            raise ValueError(f"{path} is not an image file PIL can read (PNG, JPEG, …)") from None
+    if args.num_captions < 1:
+        raise ValueError(f"--num-captions must be at least 1, got {args.num_captions}")
+    args.cpu_offload = False
+    pipe, generator = _load(CogView2CaptionPipeline, args)
+    pipe.set_progress_bar_config(disable=True)
+    num_beams = args.num_beams or (1 if args.sample or args.num_captions == 1 else max(4, args.num_captions))
+    output = pipe(images, language=args.language, num_captions_per_image=args.num_captions, do_sample=args.sample,
+                  num_beams=num_beams, max_new_tokens=args.max_new_tokens, rank_by_score=args.num_captions > 1,
+                  generator=generator)
+    for path, captions in zip(args.images, output.captions):
+        for text in captions:
+            print(f"{path}: {text}" if len(args.images) > 1 else text)
+    return []
+
+
+def run_serve(args: argparse.Namespace) -> list[Path]:
+    from .app import serve
+
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model} is not a folder; convert the official files first with "
+                                "`coglm-hf convert`")
+    _set_threads(args, describe_model(args.model))
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          max_images=args.max_images)
+    return []
+
+
 def run_convert(args: argparse.Namespace) -> list[Path]:
     from .convert_cogview2 import convert_cogview2
 
@@ -454,7 +559,8 @@ def run_evaluate(args: argparse.Namespace) -> list[Path]:
     return [Path(path) for path in (args.grid, args.json) if path]
 
 
-COMMANDS = {"generate": run_generate, "edit": run_edit, "convert": run_convert, "evaluate": run_evaluate}
+COMMANDS = {"generate": run_generate, "edit": run_edit, "caption": run_caption, "serve": run_serve,
+            "convert": run_convert, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
