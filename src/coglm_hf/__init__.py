@@ -32,6 +32,8 @@ _EXPORTS = {
     "CogView2Pipeline": "pipeline_cogview2",
     "CogView2PipelineOutput": "pipeline_cogview2",
     "CogView2InpaintPipeline": "pipeline_cogview2_inpaint",
+    "CogView2CaptionPipeline": "pipeline_cogview2_caption",
+    "CogView2CaptionPipelineOutput": "pipeline_cogview2_caption",
     "LOPAR_ORDER_MATRIX": "sampling",
     "LOPAR_TOP_K": "sampling",
     "ClusterSamplingLogitsProcessor": "sampling",
