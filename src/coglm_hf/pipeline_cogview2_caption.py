@@ -1,6 +1,6 @@
 """CogView2CaptionPipeline: image → caption with the CogLM base model (the captioning task of its pretraining).
 
-CogLM masks text to caption images (§3.8 of the reference, the "image → text" rows of pretraining). This pipeline
+CogLM masks text to caption images (the "image → text" rows of its pretraining). This pipeline
 turns that into generation:
 
 ```

@@ -2,7 +2,7 @@
 
     python -m coglm_hf.demo.finetune_captioning --work-dir ./caption-run [--steps 400] [--install]
 
-The shipped base model was pretrained on the §3.8 mixture (30 % mask-prediction + captioning rows). Its captions
+The shipped base model was pretrained on the CogLM mixture (30 % mask-prediction + captioning rows). Its captions
 name the scene but never stop: the official caption rows have no end token, so the model keeps writing after the
 caption. This finetune continues the same objective through the project's Trainer entry point
 (`coglm_hf.training.train.run`) with half of the rows captioning rows (`caption_ratio=0.5`, the paper's mixture)
