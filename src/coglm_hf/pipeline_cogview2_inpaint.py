@@ -283,6 +283,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
         tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         self._check_generator(generator, device)
+        self._warn_if_half_on_cpu(device)
         requests = self.encode_prompts(prompt, prompt_ids, style, super_resolution=True)
         if len(requests) != 1:
             raise ValueError("CogView2InpaintPipeline edits with one prompt per call; prompt_ids must be one id list")
