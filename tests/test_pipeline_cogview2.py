@@ -302,6 +302,36 @@ def test_gpu_half_precision_and_cpu_offload(spm_model):
     torch.testing.assert_close(again, tokens, rtol=0, atol=0)
 
 
+def test_model_cpu_offload_runs_each_stage_through_its_hook(spm_model):
+    """The offload plumbing (one accelerate hook per model, chained in `model_cpu_offload_seq`, encode/decode and
+    the SR stages included) checked on the CPU: accelerate accepts the CPU as the execution device for model
+    offload, so the hooks run here and must not change a single token or pixel."""
+    plain = build_tiny_pipeline(spm_model)
+    offloaded = build_tiny_pipeline(spm_model)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    for name in ("base_model", "dsr_model", "itersr_model", "image_tokenizer"):
+        assert getattr(offloaded, name)._hf_hook is not None, name
+    for pipe in (plain, offloaded):
+        pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(tokens_of(offloaded, prompt="a red cat", generator=seeded(), num_candidates=2),
+                               tokens_of(plain, prompt="a red cat", generator=seeded(), num_candidates=2),
+                               rtol=0, atol=0)
+    np.testing.assert_array_equal(offloaded("a cat", generator=seeded(1), output_type="np").images,
+                                  plain("a cat", generator=seeded(1), output_type="np").images)
+
+
+@pytest.mark.gpu
+def test_gpu_sequential_cpu_offload(spm_model):
+    """Weights stay on the CPU and each submodule is moved to the GPU only for its forward (accelerate refuses the
+    CPU as the execution device of sequential offload, so this runs on GPUs only)."""
+    pipe = build_tiny_pipeline(spm_model).to("cuda", torch.float16)
+    expected = pipe("a red cat", generator=torch.Generator("cuda").manual_seed(0), output_type="np").images
+    sequential = build_tiny_pipeline(spm_model).to(dtype=torch.float16)
+    sequential.enable_sequential_cpu_offload()
+    images = sequential("a red cat", generator=torch.Generator("cuda").manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(images, expected)
+
+
 # ------------------------------------------------------------------------------------------- saving / loading
 
 
