@@ -73,3 +73,19 @@ def test_int8_linear_weights_take_about_half_the_bf16_bytes():
         error = (quantized.dequantize().float() - original.float()).abs().max()
         assert error <= original.float().abs().amax(-1).max() / 127  # within one int8 step of its row's scale
     assert int8_bytes <= 0.55 * bf16_bytes, int8_bytes / bf16_bytes
+
+
+def test_pipeline_runs_with_an_int8_base_model(tmp_path):
+    from test_pipeline_cogview2 import build_tiny_pipeline, seeded, tokens_of, train_sentencepiece
+
+    from coglm_hf import CogView2Pipeline
+
+    build_tiny_pipeline(train_sentencepiece(tmp_path / "tiny.model")).save_pretrained(tmp_path / "pipe")
+    base = CogLMForMaskedRegions.from_pretrained(tmp_path / "pipe" / "base_model", dtype=torch.bfloat16,
+                                                 quantization_config=int8_config())
+    assert hasattr(base.transformer.layers[0].mlp.dense_h_to_4h.weight, "qdata")
+    pipe = CogView2Pipeline.from_pretrained(tmp_path / "pipe", dtype=torch.bfloat16, base_model=base)
+    pipe.set_progress_bar_config(disable=True)
+    tokens = tokens_of(pipe, prompt="a red cat", generator=seeded(), num_candidates=2)
+    assert tokens.shape[-1] == pipe.high_res_grid and 0 <= int(tokens.min())
+    assert int(tokens.max()) < base.config.num_image_tokens

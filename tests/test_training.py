@@ -221,6 +221,39 @@ def test_two_process_run_stops_resumes_and_matches_one_big_batch(cache, tmp_path
     assert resumed[-1] < resumed[0]
 
 
+@pytest.mark.gpu
+def test_fsdp2_two_gpus_sharded_checkpoint_resumes_like_one_process(cache, tmp_path):
+    """The shipped FSDP2 Accelerate config on 2 GPUs: stop at step 3 (sharded checkpoint), resume, finish; the loss
+    curve equals one process with the same global batch. Not runnable on CPU: Accelerate 1.15 switches to FSDP only
+    for accelerator backends and runs plain DDP on CPU (docs/training.md)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    output = tmp_path / "fsdp2"
+    settings = dict(max_steps=8, per_device_train_batch_size=2, optim="sgd", learning_rate=0.5,
+                    lr_scheduler_type="linear")
+    config = tiny_config("base", cache, output, **settings)
+    config["training"]["use_cpu"] = False
+    config_file = tmp_path / "fsdp2.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(CONFIG_DIR / "accelerate_fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+              "--main_process_port", str(29500 + random.randint(0, 2000)), "-m", "coglm_hf.training.train",
+              "--config", str(config_file)]
+    first = subprocess.run(launch + ["--stop-at-step", "3"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert any((output / "checkpoint-3").glob("pytorch_model_fsdp_0*"))  # sharded, one part per rank
+    second = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr and "checkpoint-3" in second.stderr
+    state = json.loads((output / "trainer_state.json").read_text())
+    resumed = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    single = tiny_config("base", cache, tmp_path / "single", **{**settings, "per_device_train_batch_size": 4})
+    single["training"]["use_cpu"] = False
+    assert resumed == pytest.approx(losses(run(single)), rel=1e-3)
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(cache, tmp_path):
     from transformers import TrainerCallback
 
