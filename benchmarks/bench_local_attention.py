@@ -6,7 +6,8 @@ Rows (each checked against the dense masked result before timing):
 * ``dense eager``      materialises the masked ``N x N`` scores (the paper's baseline),
 * ``dense SDPA masked``  ``F.scaled_dot_product_attention`` with the boolean mask (the ratios' baseline),
 * ``dense SDPA all keys`` the fused kernel over all 4016 keys without a mask (a lower bound for dense attention),
-* ``torch`` / ``flex`` / ``kernel``: the `local_attention_2d` backends that are available.
+* ``torch`` / ``flex`` / ``kernel`` / ``triton``: the `local_attention_2d` backends that are available (``triton``:
+  on CUDA, from ``--triton-path``, default the checkout's ``hub_kernels/cogview2-local-attention-triton`` build).
 
 Time: minimum over rounds (other processes share the CPU cores), median in brackets. Peak memory: the rise of the
 CUDA allocator peak, or on CPU of the process peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) during
@@ -14,7 +15,7 @@ one call, measured in a child process per path whose glibc returns freed memory 
 
     PYTHONPATH=src python benchmarks/bench_local_attention.py                       # CPU, fp32, 8 heads
     PYTHONPATH=src python benchmarks/bench_local_attention.py --device cuda --dtype bfloat16 --heads 48 \\
-        --kernel-path hub_kernels/cogview2-local-attention
+        --kernel-path hub_kernels/cogview2-local-attention --triton-path hub_kernels/cogview2-local-attention-triton
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=None, help="calls per timed round (1 on CPU, 20 on CUDA)")
     parser.add_argument("--kernel-path", default=os.environ.get(la.KERNEL_PATH_ENV))
+    parser.add_argument("--triton-path", default=os.environ.get(la.TRITON_KERNEL_PATH_ENV),
+                        help="Triton kernel dir (default: the source checkout's build, CUDA only)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention backend")
     parser.add_argument("--backward", action="store_true", help="time forward+backward instead of forward")
@@ -176,6 +179,12 @@ def main() -> None:
             paths["local_attention_2d kernel"] = backend("kernel")
         except RuntimeError as err:
             notes.append(f"kernel not benchmarked: {err}")
+    if device.type == "cuda":
+        try:
+            la.load_local_attention_triton_kernel(args.triton_path)
+            paths["local_attention_2d triton"] = backend("triton")
+        except RuntimeError as err:
+            notes.append(f"triton not benchmarked: {err}")
 
     reference = sdpa_masked().detach().float()
     grad_out = torch.randn(reference.shape, generator=gen).to(device=device, dtype=dtype)
@@ -219,6 +228,7 @@ def main() -> None:
     flop_ratio = valid / num_keys
     nxn = b * heads * n * num_keys * 4  # float32 scores of the dense formulation
     base = min(times["dense SDPA masked (baseline)"])
+    fused_all = min(times["dense SDPA all keys, no mask"])
     base_mem = memory["dense SDPA masked (baseline)"]
 
     cpu = platform.machine()
@@ -234,12 +244,14 @@ def main() -> None:
           f"({TEXT_PAD} padding) = {num_keys}; mean valid keys/query {valid:.1f} -> FLOP ratio "
           f"{flop_ratio:.4f} (bound {1 / flop_ratio:.0f}x); full N x N fp32 scores = {nxn / 2**20:.1f} MiB")  # fmt: skip
     print()
-    print("| path | best ms (median) | speed-up vs SDPA masked | peak extra MiB | vs SDPA masked | % of N x N scores |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| path | best ms (median) | speed-up vs SDPA masked | vs SDPA all keys | peak extra MiB | vs SDPA masked "
+          "| % of N x N scores |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in paths:
         best, med = min(times[name]) * 1e3, statistics.median(times[name]) * 1e3
         mem = memory[name]
-        print(f"| {name} | {best:.2f} ({med:.2f}) | {base / min(times[name]):.2f}x | {mem / 2**20:.1f} | "
+        print(f"| {name} | {best:.2f} ({med:.2f}) | {base / min(times[name]):.2f}x | {fused_all / min(times[name]):.2f}x "
+              f"| {mem / 2**20:.1f} | "
               f"{mem / max(base_mem, 1):.2f}x | {100 * mem / nxn:.1f}% |")  # fmt: skip
     print()
     for note in notes:

@@ -56,6 +56,11 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& global_k, const std::optional<at::Tensor>& global_v,
                      const std::optional<at::Tensor>& global_mask, at::IntArrayRef geometry, double scale);
 
+// Backward inputs beyond the forward ones: grad_out and out shaped like q, lse float32 [batch, heads, tokens],
+// all on q's device (so a CUDA call never reads host memory and vice versa).
+void check_backward_inputs(const Problem& P, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out,
+                           const at::Tensor& lse);
+
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

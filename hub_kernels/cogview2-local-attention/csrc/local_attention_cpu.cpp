@@ -162,6 +162,18 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return P;
 }
 
+void check_backward_inputs(const Problem& P, const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out,
+                           const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have the shape of q ",
+              q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == P.batch && lse.size(1) == P.heads && lse.size(2) == P.queries,
+              "lse must have shape [", P.batch, ", ", P.heads, ", ", P.queries, "], got ", lse.sizes());
+  TORCH_CHECK(grad_out.device() == q.device(), "grad_out is on ", grad_out.device(), " but q is on ", q.device());
+  TORCH_CHECK(out.device() == q.device(), "out is on ", out.device(), " but q is on ", q.device());
+  TORCH_CHECK(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const std::optional<at::Tensor>& cross_k,
                                                const std::optional<at::Tensor>& cross_v,
@@ -228,8 +240,7 @@ Grads backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                    const std::optional<at::Tensor>& global_mask, const at::Tensor& out, const at::Tensor& lse,
                    at::IntArrayRef geometry, double scale) {
   const Problem P = make_problem(q, k, v, cross_k, cross_v, global_k, global_v, global_mask, geometry, scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out/out must have the shape of q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == P.batch * P.heads * P.queries, "bad lse");
+  check_backward_inputs(P, q, grad_out, out, lse);
   const at::Tensor qs = as_float(q * scale);
   const at::Tensor dout = as_float(grad_out);
   const at::Tensor delta = (dout * out.to(at::kFloat)).sum(-1).contiguous();  // rowsum(dO * O)

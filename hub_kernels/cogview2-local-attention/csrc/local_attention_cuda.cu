@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "local_attention.h"
@@ -35,13 +36,36 @@ struct Rows {
 template <typename scalar_t>
 constexpr int kVec = 16 / sizeof(scalar_t);
 
+// The elements of one 16-byte vector. Filled from / written to a uint4 with memcpy, not by casting a uint4 pointer
+// to a scalar pointer (undefined behaviour); nvcc turns the copies into register moves.
+template <typename scalar_t>
+struct Vec {
+  scalar_t e[kVec<scalar_t>];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Vec<scalar_t> load_vec(const scalar_t* __restrict__ row, int i) {
+  static_assert(sizeof(Vec<scalar_t>) == sizeof(uint4), "a vector is 16 bytes");
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + i);  // rows are 16-byte aligned (prepared())
+  Vec<scalar_t> v;
+  memcpy(&v, &raw, sizeof(raw));
+  return v;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_vec(scalar_t* __restrict__ row, int i, const Vec<scalar_t>& v) {
+  uint4 raw;
+  memcpy(&raw, &v, sizeof(raw));
+  reinterpret_cast<uint4*>(row)[i] = raw;
+}
+
 // dst[0..D) = float(row[0..D)).
 template <typename scalar_t, int D>
 __device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, float (&dst)[D]) {
 #pragma unroll
   for (int i = 0; i < D / kVec<scalar_t>; ++i) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + i);
-    const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+    const Vec<scalar_t> v = load_vec(row, i);
+    const scalar_t* e = v.e;
 #pragma unroll
     for (int j = 0; j < kVec<scalar_t>; ++j) dst[i * kVec<scalar_t> + j] = static_cast<float>(e[j]);
   }
@@ -52,8 +76,8 @@ __device__ __forceinline__ float dot_row(const float (&a)[D], const scalar_t* __
   float s0 = 0.f, s1 = 0.f;
 #pragma unroll
   for (int i = 0; i < D / kVec<scalar_t>; ++i) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + i);
-    const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+    const Vec<scalar_t> v = load_vec(row, i);
+    const scalar_t* e = v.e;
 #pragma unroll
     for (int j = 0; j < kVec<scalar_t>; j += 2) {
       s0 = fmaf(a[i * kVec<scalar_t> + j], static_cast<float>(e[j]), s0);
@@ -68,10 +92,9 @@ __device__ __forceinline__ float dot_rows(const scalar_t* __restrict__ a, const 
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < D / kVec<scalar_t>; ++i) {
-    const uint4 ra = __ldg(reinterpret_cast<const uint4*>(a) + i);
-    const uint4 rb = __ldg(reinterpret_cast<const uint4*>(b) + i);
-    const scalar_t* ea = reinterpret_cast<const scalar_t*>(&ra);
-    const scalar_t* eb = reinterpret_cast<const scalar_t*>(&rb);
+    const Vec<scalar_t> va = load_vec(a, i), vb = load_vec(b, i);
+    const scalar_t* ea = va.e;
+    const scalar_t* eb = vb.e;
 #pragma unroll
     for (int j = 0; j < kVec<scalar_t>; ++j) s = fmaf(static_cast<float>(ea[j]), static_cast<float>(eb[j]), s);
   }
@@ -83,8 +106,8 @@ template <typename scalar_t, int D>
 __device__ __forceinline__ void axpy_row(float (&acc)[D], float w, const scalar_t* __restrict__ row) {
 #pragma unroll
   for (int i = 0; i < D / kVec<scalar_t>; ++i) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + i);
-    const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+    const Vec<scalar_t> v = load_vec(row, i);
+    const scalar_t* e = v.e;
 #pragma unroll
     for (int j = 0; j < kVec<scalar_t>; ++j) acc[i * kVec<scalar_t> + j] = fmaf(w, static_cast<float>(e[j]),
                                                                              acc[i * kVec<scalar_t> + j]);
@@ -95,11 +118,10 @@ template <typename scalar_t, int D>
 __device__ __forceinline__ void store_row(scalar_t* __restrict__ row, const float (&src)[D], float factor) {
 #pragma unroll
   for (int i = 0; i < D / kVec<scalar_t>; ++i) {
-    uint4 raw;
-    scalar_t* e = reinterpret_cast<scalar_t*>(&raw);
+    Vec<scalar_t> v;
 #pragma unroll
-    for (int j = 0; j < kVec<scalar_t>; ++j) e[j] = static_cast<scalar_t>(src[i * kVec<scalar_t> + j] * factor);
-    reinterpret_cast<uint4*>(row)[i] = raw;
+    for (int j = 0; j < kVec<scalar_t>; ++j) v.e[j] = static_cast<scalar_t>(src[i * kVec<scalar_t> + j] * factor);
+    store_vec(row, i, v);
   }
 }
 
@@ -302,9 +324,11 @@ std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(prepared(*t)) : std::nullopt;
 }
 
+// Head dim 64 only (CogView2's). At 128 every kernel spilled registers (dk/dv and global: 2.5-3.5 KB of local
+// memory per thread in ptxas -v), so 128 is left out until it is tuned; `supports()` sends it to another backend.
 void check_cuda(const at::Tensor& q, const Problem& P) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
-  TORCH_CHECK(P.dim == 64 || P.dim == 128, "the CUDA kernel supports head dims 64 and 128, got ", P.dim);
+  TORCH_CHECK(P.dim == 64, "the CUDA kernel supports head dim 64, got ", P.dim);
   TORCH_CHECK(static_cast<int64_t>(P.batch) * P.heads <= 65535, "batch * heads must be <= 65535");
 }
 
@@ -335,7 +359,6 @@ void dispatch(at::ScalarType dtype, int dim, F&& f) {
     using scalar_t = decltype(tag);
     switch (dim) {
       case 64: f(scalar_t{}, std::integral_constant<int, 64>{}); break;
-      case 128: f(scalar_t{}, std::integral_constant<int, 128>{}); break;
       default: TORCH_CHECK(false, "unsupported head dim ", dim);
     }
   };
@@ -358,6 +381,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
                                                 at::IntArrayRef geometry, double scale) {
   const Problem P = make_problem(q, k, v, cross_k, cross_v, global_k, global_v, global_mask, geometry, scale);
   check_cuda(q, P);
+  if (P.batch == 0 || P.heads == 0) {  // a grid with a zero dimension is an invalid launch: nothing to compute
+    return {at::empty_like(q), at::empty({P.batch, P.heads, P.queries}, q.options().dtype(at::kFloat))};
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qs = prepared(q * scale);  // rounded to the input dtype, like the reference
   const at::Tensor kc = prepared(k), vc = prepared(v);
@@ -384,7 +410,14 @@ Grads backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::T
                     at::IntArrayRef geometry, double scale) {
   const Problem P = make_problem(q, k, v, cross_k, cross_v, global_k, global_v, global_mask, geometry, scale);
   check_cuda(q, P);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out/out must have the shape of q");
+  check_backward_inputs(P, q, grad_out, out, lse);  // also: grad_out, out and lse are CUDA tensors like q
+  if (P.batch == 0 || P.heads == 0) {
+    auto empty = [&](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? at::zeros_like(*t) : at::empty({0}, q.options());
+    };
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), empty(cross_k), empty(cross_v),
+            empty(global_k), empty(global_v)};
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qs = prepared(q * scale);
   const at::Tensor dout = prepared(grad_out.to(q.scalar_type()));
