@@ -167,3 +167,36 @@ def test_kernel_real_shape_bf16_48_heads(kernel):
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=3e-2)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=1.5e-1)
+
+
+def test_kernel_empty_batch_and_heads(kernel):
+    """Batch 0 or heads 0 give empty results (a CUDA launch with a zero grid dimension would fail)."""
+    set_local_attention_backend("kernel")
+    for batch, heads in ((0, 2), (2, 0)):
+        q, k, v = (torch.randn(batch, heads, 35, 64, device=DEVICE, requires_grad=True) for _ in range(3))
+        out = local_attention_2d(q, k, v, grid=(7, 5), window=3)
+        assert out.shape == q.shape
+        grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+
+
+def test_kernel_backward_checks_its_saved_tensors(kernel):
+    """The backward op validates `lse` (float32 [B, H, N]) and that grad_out/out/lse sit on q's device."""
+    ops = sys.modules[kernel.__name__ + "._ops"].ops
+    q, k, v = (torch.randn(1, 2, 35, 64, device=DEVICE) for _ in range(3))
+    geometry = [7, 5, 7, 5, 3, 3, 0, 0, 0, 0, 0]
+    out, lse = ops.forward(q, k, v, None, None, None, None, None, geometry, 0.125)
+
+    def backward(grad_out, out, lse):
+        return ops.backward(grad_out, q, k, v, None, None, None, None, None, out, lse, geometry, 0.125)
+
+    assert backward(torch.ones_like(out), out, lse)[0].shape == q.shape
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        backward(torch.ones_like(out), out, lse.half())
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[1, 2, 35\]"):
+        backward(torch.ones_like(out), out, lse.reshape(1, 70))
+    with pytest.raises(RuntimeError, match="grad_out and out must have the shape of q"):
+        backward(torch.ones_like(out)[:, :1], out, lse)
+    if DEVICE == "cuda":
+        with pytest.raises(RuntimeError, match="lse is on cpu"):
+            backward(torch.ones_like(out), out, lse.cpu())
