@@ -153,7 +153,7 @@ def test_demo_text_tokenizer_orders_english_pieces_first_and_keeps_words_whole(t
 
     chinese_piece_start = train_text_tokenizer(tmp_path, num_captions=400, vocab_size=120)
     tokenizer = CogLMTokenizer.from_pretrained(tmp_path)
-    assert tokenizer.text_token_offset == VQ_CODES
+    assert tokenizer.text_token_offset == VQ_CODES and tokenizer.chinese_piece_start == chinese_piece_start
 
     class Ids:  # the two fields language_token_id reads
         text_token_offset = tokenizer.text_token_offset
@@ -226,6 +226,10 @@ def test_prompts_outside_the_demo_vocabulary_warn_naming_the_words():
                                                                                            "glasses"]
     assert tokenizer.unknown_words("一只老虎在红色背景上") == ["只老虎"]
     assert set(COLORS) | set(SHAPES) <= set(tokenizer.known_words())
+    # the shipped tokenizer says where its Chinese pieces start (the pretraining collator's language tag)
+    chinese = [i - tokenizer.text_token_offset for piece, i in tokenizer.get_vocab().items()
+               if tokenizer.is_text_token(i) and any("\u4e00" <= ch <= "\u9fff" for ch in piece)]
+    assert tokenizer.chinese_piece_start == min(chinese) == 31
     with pytest.warns(UnknownWordsWarning, match=r"does not know.*tiger, wearing, VR, glasses; it knows only these "
                                                  r"words: .*circle"):
         ids = tokenizer.encode_prompt("a tiger wearing VR glasses")

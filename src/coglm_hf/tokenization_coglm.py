@@ -255,6 +255,9 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
             `<start_of_english>`, `<start_of_chinese>`.
         unk_token, pad_token: the sentencepiece unknown and padding pieces (`<unk>` = 20000, `<pad>` = 20003 in
             icetk).
+        chinese_piece_start: the first sentencepiece piece counted as Chinese when the pretraining collator picks a
+            caption's language tag, for vocabularies laid out English first (the demo's: 31); `None` for icetk, whose
+            value (63823) is the collator's default.
 
     Example:
 
@@ -280,6 +283,7 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
         start_of_chinese_token_id: int = 150002,
         unk_token: str = "<unk>",
         pad_token: str | None = "<pad>",
+        chinese_piece_start: int | None = None,
         **kwargs,
     ):
         if tokenizer_object is None and (tokenizer_file is None or not os.path.isfile(tokenizer_file)):
@@ -299,6 +303,7 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
             start_of_chinese_token_id=start_of_chinese_token_id,
             unk_token=unk_token,
             pad_token=pad_token,
+            chinese_piece_start=chinese_piece_start,
             extra_special_tokens=[BOI_TOKEN, START_OF_ENGLISH_TOKEN, START_OF_CHINESE_TOKEN],
             split_special_tokens=True,
             **kwargs,
@@ -308,6 +313,7 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
         self.boi_token_id = int(boi_token_id)
         self.start_of_english_token_id = int(start_of_english_token_id)
         self.start_of_chinese_token_id = int(start_of_chinese_token_id)
+        self.chinese_piece_start = None if chinese_piece_start is None else int(chinese_piece_start)
         self._check_id_layout()
 
     def _check_id_layout(self) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -249,6 +250,26 @@ def heldout_prompts(num_prompts: int = 24, seed: int = 1234) -> list[ShapesSampl
     return samples
 
 
+def export_image_folder(folder: str | Path, count: int, seed: int = 0, split: str = "train") -> list[Path]:
+    """Write `count` scenes as an image folder for `coglm_hf.training` (`image_folder_records`): `shapes-NNNNNN.png`
+    (240 px) with its English caption in `shapes-NNNNNN.txt` and its Chinese caption in `shapes-NNNNNN.zh.txt`.
+
+    Returns:
+        the PNG paths, in order.
+    """
+    dataset = ShapesDataset(seed, split=split, length=count)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, sample in enumerate(dataset):
+        stem = folder / f"shapes-{index:06d}"
+        sample.image().save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(sample.caption_en + "\n", encoding="utf-8")
+        stem.with_suffix(".zh.txt").write_text(sample.caption_zh + "\n", encoding="utf-8")
+        paths.append(stem.with_suffix(".png"))
+    return paths
+
+
 def image_to_array(image: Image.Image) -> np.ndarray:
     """PIL RGB -> float32 `[3, H, W]` in [0, 1]."""
     return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
@@ -264,6 +285,7 @@ __all__ = [
     "ShapesDataset",
     "ShapesSample",
     "caption_en",
+    "export_image_folder",
     "caption_zh",
     "heldout_prompts",
     "image_to_array",
@@ -272,3 +294,23 @@ __all__ = [
     "render",
     "scene_key",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m coglm_hf.demo.shapes",
+                                     description="Write scenes of the shapes world as a captioned image folder.")
+    parser.add_argument("--export", required=True, metavar="DIR", help="folder to write (x.png, x.txt, x.zh.txt)")
+    parser.add_argument("--count", type=int, default=64, help="scenes to write (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument("--split", default="train", choices=("train", "heldout", "all"),
+                        help="training scenes (default), held-out ones, or both")
+    args = parser.parse_args(argv)
+    paths = export_image_folder(args.export, args.count, args.seed, args.split)
+    print(f"wrote {len(paths)} scenes to {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -206,9 +206,9 @@ def train_text_tokenizer(out_dir: Path, num_captions: int = 20000, vocab_size: i
         )
         model_file = prefix.with_suffix(".model")
         chinese_piece_start = order_pieces_english_first(model_file)
-        tokenizer = CogLMTokenizer.from_sentencepiece(model_file, text_token_offset=VQ_CODES)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "chinese_piece_start.json").write_text(json.dumps(chinese_piece_start))
+        tokenizer = CogLMTokenizer.from_sentencepiece(model_file, text_token_offset=VQ_CODES,
+                                                      chinese_piece_start=chinese_piece_start)
+    tokenizer.save_pretrained(out_dir)  # tokenizer_config.json keeps chinese_piece_start for finetuning
     return chinese_piece_start
 
 
@@ -365,12 +365,12 @@ def stage_config(stage: str, work: Path, steps: int, batch_size: int, learning_r
         },
     }
     if stage == "base":
-        chinese_piece_start = json.loads((work / "tokenizer" / "chinese_piece_start.json").read_text())
-        config["collator"] = {"caption_ratio": 0.3, "chinese_piece_start": chinese_piece_start}
+        config["data"]["tokenizer"] = str(work / "tokenizer")  # its chinese_piece_start sets the language tags
+        config["collator"] = {"caption_ratio": 0.3}
     if stage in ("dsr", "itersr"):
         config["init_from_base"] = str(work / "base")  # as CogView2: SR models start from the base weights
     if stage == "dsr":
-        config["trainable_parameters"] = "all"  # tiny backbone: the frozen-backbone recipe of §4.5 underfits
+        config["trainable_parameters"] = "all"  # tiny backbone: the official frozen-backbone recipe underfits
     return config
 
 

@@ -44,6 +44,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
 from ..modeling_coglm import CogLMForMaskedRegions
 from ..modeling_coglm_sr import CogLMForDirectSuperResolution, CogLMForIterativeSuperResolution
+from ..tokenization_coglm import CogLMTokenizer
 from . import CONFIG_DIR, config_path
 from .collators import CogLMDirectSRCollator, CogLMIterativeSRCollator, CogLMPretrainingCollator
 from .data import (
@@ -281,7 +282,6 @@ def build_model(stage: StageSpec, config: dict, seed: int = 42) -> PreTrainedMod
 def prepare_token_cache(stage: StageSpec, data: dict, model_config: CogLMConfig, device: torch.device | None = None):
     """Build (or extend) ``data.cache_dir`` from ``data.image_folder`` or ``data.hf_dataset``. Returns the report."""
     from ..modeling_icevq import IceVQModel
-    from ..tokenization_coglm import CogLMTokenizer
 
     if not (data.get("image_folder") or data.get("hf_dataset")):
         raise ValueError("building the token cache needs data.image_folder or data.hf_dataset")
@@ -421,6 +421,11 @@ def build_trainer(config: dict) -> Trainer:
     model = build_model(stage, config, seed=args.seed)
     train_dataset, eval_dataset = build_datasets(stage, config, model.config, args)
     collator_kwargs = {"seed": args.seed, **(config.get("collator") or {})}
+    if stage.name == "base" and "chinese_piece_start" not in collator_kwargs:
+        tokenizer = (config.get("data") or {}).get("tokenizer")
+        start = CogLMTokenizer.from_pretrained(tokenizer).chinese_piece_start if tokenizer else None
+        if start is not None:  # a tokenizer laid out English first says where its Chinese pieces start
+            collator_kwargs["chinese_piece_start"] = start
     collator = stage.collator_class(model.config, **collator_kwargs)
     # the eval set keeps epoch 0: the same masks at every evaluation
     callbacks = [SetEpochCallback(train_dataset), GracefulStopCallback()]
