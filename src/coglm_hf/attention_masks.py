@@ -100,6 +100,31 @@ def caption_scoring_position_ids(num_image_tokens: int, caption_length: int, boi
     return torch.cat([image, torch.arange(caption_length + 1)])
 
 
+def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sequence index of every token of a packed (padding-free) batch: ``[batch, q]`` position ids → ``[batch, q]``.
+
+    A position that does not increase over the previous one starts a new sequence (``DataCollatorWithFlattening``
+    restarts positions at 0). CogView2 layouts jump forward (text ``0 … L-1``, then ``<start_of_image>`` at 512),
+    which stays one sequence.
+    """
+    starts = torch.zeros_like(position_ids, dtype=torch.long)
+    starts[:, 1:] = (position_ids[:, 1:] <= position_ids[:, :-1]).long()
+    return starts.cumsum(-1)
+
+
+def segments_from_cu_seq_lens(cu_seq_lens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Sequence index ``[1, seq_len]`` of each token from flash-attention style cumulative boundaries
+    ``cu_seq_lens`` ``[n + 1]`` (``0, len_0, len_0 + len_1, …, seq_len``) of a packed batch of one row."""
+    cu_seq_lens = cu_seq_lens.reshape(-1)
+    if batch != 1 or int(cu_seq_lens[0]) != 0 or int(cu_seq_lens[-1]) != seq_len:
+        raise ValueError(
+            f"cu_seq_lens_q must run from 0 to the packed length {seq_len} of a batch of one row; got "
+            f"{cu_seq_lens.tolist()} for batch {batch}"
+        )
+    tokens = torch.arange(seq_len, device=cu_seq_lens.device)
+    return torch.searchsorted(cu_seq_lens[1:].contiguous(), tokens, right=True)[None]
+
+
 __all__ = [
     "Region",
     "batch_masked_regions_mask",
@@ -107,7 +132,9 @@ __all__ = [
     "caption_scoring_regions",
     "masked_regions_loss_mask",
     "masked_regions_mask",
+    "packed_segment_ids",
     "region_membership",
+    "segments_from_cu_seq_lens",
     "text_to_image_position_ids",
     "text_to_image_regions",
     "validate_regions",

@@ -37,6 +37,8 @@ class CogLMConfig(PreTrainedConfig):
         text_token_offset: first text id (sentencepiece id + offset).
         boi_token_id, start_of_english_token_id, start_of_chinese_token_id: special ids.
         pad_token_id: id placed in padding slots of the SR layouts (masked out, never attended).
+        bos_token_id, eos_token_id: ``None``: CogView2 has no begin/end-of-sequence token (stage 1 always generates
+            a full grid; ``generate`` stops at ``max_new_tokens`` unless you pass an ``eos_token_id``).
         boi_position_id: position of ``<start_of_image>``; the image grid follows it.
         image_grid_size: side of the stage-1 token grid (20).
         text_attention_bias: constant ``c`` added to attention scores on text keys (§3.2; 1.4).
@@ -71,6 +73,8 @@ class CogLMConfig(PreTrainedConfig):
     start_of_english_token_id: int = 150001
     start_of_chinese_token_id: int = 150002
     pad_token_id: int | None = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     boi_position_id: int = 512
     image_grid_size: int = 20
     text_attention_bias: float = 1.4

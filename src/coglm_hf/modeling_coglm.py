@@ -22,21 +22,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, is_torchdynamo_compiling
+from transformers.utils import ModelOutput, can_return_tuple, is_torchdynamo_compiling
 
 from .attention_masks import (
     batch_masked_regions_mask,
     caption_scoring_position_ids,
     caption_scoring_regions,
     masked_regions_loss_mask,
+    packed_segment_ids,
+    segments_from_cu_seq_lens,
 )
 from .configuration_coglm import CogLMConfig
-
-# Name of the attribute that carries, on a cache object, which cached keys are text (for the text-attention bias).
-_TEXT_KEYS_ATTR = "coglm_text_keys"
 
 
 @dataclass
@@ -216,10 +215,145 @@ class CogLMPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+class CogLMDynamicCacheLayer(DynamicLayer):
+    """A :class:`DynamicLayer` that also records which cached keys are text (``text_keys`` ``[batch, seq]`` bool).
+
+    The text-attention bias ``c`` applies to text *keys*, including the cached ones, so the cache must remember them.
+    Keeping the record inside a cache layer lets every cache edit ``generate`` performs (``crop`` for assisted
+    decoding, ``reorder_cache`` for beam search, ``batch_repeat_interleave``, ``batch_select_indices``, ``reset``)
+    apply to it exactly as to the keys. CogLM keeps it in layer 0 (see :func:`text_key_record_layer`).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.text_keys: torch.Tensor | None = None
+
+    def update_text_keys(self, text_keys: torch.Tensor) -> torch.Tensor:
+        """Append ``[batch, q]`` flags of the new tokens; return the flags of every key ``[batch, past + q]``."""
+        self.text_keys = text_keys if self.text_keys is None else torch.cat([self.text_keys, text_keys], dim=1)
+        return self.text_keys
+
+    def reset(self) -> None:
+        super().reset()
+        self.text_keys = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.index_select(0, beam_idx.to(self.text_keys.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.text_keys is not None and tokens_to_remove < 0:
+            self.text_keys = self.text_keys[:, :tokens_to_remove]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys[indices]
+
+    def offload(self):
+        super().offload()
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        super().prefetch()
+        if self.text_keys is not None and self.text_keys.device != self.device:
+            self.text_keys = self.text_keys.to(self.device, non_blocking=True)
+
+
+class CogLMStaticCacheLayer(StaticLayer):
+    """A :class:`StaticLayer` with a preallocated text-key record ``[batch, max_cache_len]`` written in place (the
+    static, ``torch.compile``-friendly counterpart of :class:`CogLMDynamicCacheLayer`)."""
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self.text_keys: torch.Tensor | None = None
+
+    def update_text_keys(self, text_keys: torch.Tensor) -> torch.Tensor:
+        """Write ``[batch, q]`` flags at the next free slots (before the layer's keys are written); return the whole
+        record ``[batch, max_cache_len]`` (free slots are False and hidden by the mask)."""
+        if self.text_keys is None:
+            self.text_keys = torch.zeros(
+                text_keys.shape[0], self.max_cache_len, dtype=torch.bool, device=text_keys.device
+            )
+            if not is_torchdynamo_compiling():
+                torch._dynamo.mark_static_address(self.text_keys)
+        slots = torch.arange(text_keys.shape[1], device=text_keys.device) + self.cumulative_length.to(
+            text_keys.device
+        )
+        self.text_keys.index_copy_(1, slots, text_keys)
+        return self.text_keys
+
+    def reset(self) -> None:
+        super().reset()
+        if self.text_keys is not None:
+            self.text_keys.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.index_select(0, beam_idx.to(self.text_keys.device))
+
+    def offload(self):
+        super().offload()
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        super().prefetch()
+        if self.text_keys is not None and self.text_keys.device != self.device:
+            self.text_keys = self.text_keys.to(self.device, non_blocking=True)
+
+
+def text_key_record_layer(cache: Cache) -> CogLMDynamicCacheLayer | CogLMStaticCacheLayer:
+    """Layer 0 of ``cache``, the layer that carries CogLM's text-key record.
+
+    A fresh cache (``DynamicCache(config=...)``, ``DynamicCache()``, ``StaticCache(config=..., max_cache_len=...)``,
+    or the one ``generate`` builds) gets a CogLM layer 0 here, holding the same state as the standard layer it
+    replaces; nothing else about the cache changes.
+
+    Raises:
+        ValueError: the cache already holds tokens but no text-key record (it was not filled by CogLM), or its
+            layer type cannot carry the record.
+    """
+    if not cache.layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layers.append(CogLMDynamicCacheLayer())
+    layer = cache.layers[0] if cache.layers else None
+    if isinstance(layer, (CogLMDynamicCacheLayer, CogLMStaticCacheLayer)):
+        return layer
+    if type(layer) not in (DynamicLayer, StaticLayer):
+        raise ValueError(
+            f"CogLM keeps which cached keys are text in layer 0 of the cache; a {type(layer).__name__} cannot carry "
+            "it. Use DynamicCache(config=model.config) or StaticCache(config=model.config, max_cache_len=...)"
+        )
+    if layer.get_seq_length() != 0:
+        raise ValueError(
+            "this cache already holds tokens that were not encoded by CogLM (its text-key record is missing); start "
+            "from an empty DynamicCache/StaticCache"
+        )
+    if type(layer) is StaticLayer:
+        upgraded = CogLMStaticCacheLayer(max_cache_len=layer.max_cache_len)
+    else:
+        upgraded = CogLMDynamicCacheLayer()
+    text_keys = upgraded.text_keys
+    upgraded.__dict__.update(layer.__dict__)  # same keys/values buffers, lengths and flags
+    upgraded.text_keys = text_keys
+    cache.layers[0] = upgraded
+    return upgraded
+
+
 def broadcast_prompt_cache(cache: Cache, batch_size: int) -> Cache:
     """Repeat a batch-1 prompt cache to ``batch_size`` rows in place (DynamicCache and StaticCache).
 
-    Stage 1 encodes the prompt once and shares it across every image of the batch (§3.3).
+    Stage 1 encodes the prompt once and shares it across every image of the batch (§3.3). Call it before a compiled
+    decoding loop (inside one, the model would broadcast on its first step and recompile).
     """
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
@@ -229,11 +363,15 @@ def broadcast_prompt_cache(cache: Cache, batch_size: int) -> Cache:
             raise ValueError(f"cannot broadcast a cache of batch {keys.shape[0]} to batch {batch_size}; only 1 → N")
         layer.keys = layer.keys.expand(batch_size, *keys.shape[1:]).contiguous()
         layer.values = layer.values.expand(batch_size, *layer.values.shape[1:]).contiguous()
-        if hasattr(layer, "batch_size"):
+        text_keys = getattr(layer, "text_keys", None)
+        if text_keys is not None:
+            layer.text_keys = text_keys.expand(batch_size, -1).contiguous()
+        if isinstance(layer, StaticLayer):
             layer.batch_size = batch_size
-    text_keys = getattr(cache, _TEXT_KEYS_ATTR, None)
-    if text_keys is not None and text_keys.shape[0] == 1:
-        setattr(cache, _TEXT_KEYS_ATTR, text_keys.expand(batch_size, -1).contiguous())
+            if not is_torchdynamo_compiling():
+                for tensor in (layer.keys, layer.values, getattr(layer, "text_keys", None)):
+                    if tensor is not None:
+                        torch._dynamo.mark_static_address(tensor)
     return cache
 
 
@@ -281,6 +419,7 @@ class CogLMModel(CogLMPreTrainedModel):
     """
 
     _auto_class = "AutoModel"
+    _can_compile_fullgraph = True
 
     def __init__(self, config: CogLMConfig, attention_class: type[nn.Module] = CogLMAttention):
         super().__init__(config)
@@ -334,76 +473,111 @@ class CogLMModel(CogLMPreTrainedModel):
                     f"{config.boi_position_id}, image tokens after it)."
                 )
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Word embedding + learned absolute position embedding (no scaling, no embedding norm): ``[batch, seq,
-        hidden]``."""
+    def embed(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Word embedding (or the given ``inputs_embeds``) + learned absolute position embedding (no scaling, no
+        embedding norm): ``[batch, seq, hidden]``."""
         self.check_inputs(input_ids, position_ids)
         positions = self.position_embeddings(position_ids.clamp(max=self.config.max_position_embeddings - 1))
         if self.hires_position_embeddings is not None:
             hires_ids = position_ids - self.config.hires_position_offset
             hires = self.hires_position_embeddings(hires_ids.clamp(min=0, max=self.config.num_hires_positions - 1))
             positions = torch.where((hires_ids >= 0)[..., None], hires, positions)
-        return self.embedding_dropout(self.word_embeddings(input_ids) + positions)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        return self.embedding_dropout(inputs_embeds + positions)
 
     # ----------------------------------------------------------------------------------------------- masks
     def build_attention_mask(
         self,
-        input_ids: torch.Tensor,
-        past_length: int,
+        batch: int,
+        query_length: int,
+        past_length: int | torch.Tensor,
         kv_length: int,
         attention_mask: torch.Tensor | None,
         mask_regions: Sequence[Sequence[Sequence[int]]] | None,
         text_attention_bias: float,
         text_keys: torch.Tensor,
         dtype: torch.dtype,
+        device: torch.device,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The attention mask (see :func:`format_attention_mask`) with ``c`` on visible text keys, plus extra
         attention kwargs.
 
-        Visibility: an explicit 0/1 ``attention_mask`` (``[batch, q, k]`` or ``[batch, 1, q, k]``; batch may be 1),
-        else Eq. 1 from ``mask_regions``, else causal; a 2D ``[batch, k]`` mask marks padded keys (HF convention).
+        Visibility, from the first of:
+
+        * a ready mask ``[batch, q, k]`` / ``[batch, 1, q, k]`` (batch may be 1; ``k`` = past + new tokens, or the
+          StaticCache length) in Transformers' conventions: bool True = attend; float additive (0 = attend, the
+          dtype's minimum = masked; other values are added to the scores); integer 0/1 = hidden/visible;
+        * Eq. 1 from ``mask_regions``;
+        * causal, restricted to each packed sequence when ``segment_ids`` ``[batch, q]`` is given.
+
+        A 2D ``[batch, past + q]`` mask marks padded keys (0 = padding) and combines with any of these.
         """
-        batch, query_length = input_ids.shape
         total_length = past_length + query_length
-        device = input_ids.device
         padding = None
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(
+                f"attention_mask must be a tensor, got {type(attention_mask).__name__}; CogLM builds its own "
+                "BlockMask for flex_attention from a bool, float or 0/1 mask"
+            )
         if attention_mask is not None and attention_mask.dim() == 2:
-            padding, attention_mask = attention_mask.bool().to(device), None
-            if padding.shape != (batch, total_length):
+            padding, attention_mask = attention_mask.to(device) != 0, None
+            if not is_torchdynamo_compiling() and padding.shape[1] not in (total_length, kv_length):
                 raise ValueError(
                     f"a 2D attention_mask is a key padding mask and must be [batch, past + new tokens] = "
-                    f"[{batch}, {total_length}], got {list(padding.shape)}; pass a [q, k] visibility mask as 3D"
+                    f"[{batch}, {int(total_length)}], got {list(padding.shape)}; pass a [q, k] mask as 3D or 4D"
                 )
+            padding = F.pad(padding, (0, kv_length - padding.shape[1]), value=False)
 
+        additive = None
         if attention_mask is not None:
             if mask_regions is not None:
                 raise ValueError("pass either mask_regions or a ready attention_mask, not both")
-            visible = attention_mask.bool()
-            if visible.dim() == 4:
-                visible = visible[:, 0]
-            if visible.dim() != 3 or visible.shape[-2:] != (query_length, total_length):
+            mask = attention_mask.to(device)
+            if mask.dim() == 4:
+                if mask.shape[1] != 1:
+                    raise ValueError(f"a 4D attention_mask must be [batch, 1, q, k], got {list(mask.shape)}")
+                mask = mask[:, 0]
+            if mask.dim() != 3 or mask.shape[-2] != query_length or mask.shape[-1] not in (total_length, kv_length):
                 raise ValueError(
-                    f"attention_mask must be [batch, q, k] or [batch, 1, q, k] with q={query_length} new "
-                    f"tokens and k={total_length} keys; got {list(attention_mask.shape)}"
+                    f"attention_mask must be [batch, q, k] or [batch, 1, q, k] with q={query_length} new tokens and "
+                    f"k={int(total_length)} keys (or the StaticCache length {kv_length}); got "
+                    f"{list(attention_mask.shape)}"
                 )
-            visible = visible.expand(batch, -1, -1).to(device)
+            if mask.is_floating_point():
+                # Transformers' additive convention: anything at or near the dtype minimum (or -inf) is masked
+                visible = mask > torch.finfo(mask.dtype).min / 2
+                additive = torch.where(visible, mask, torch.zeros((), dtype=mask.dtype, device=device))
+            else:
+                visible = mask != 0  # bool True / integer 1 = may attend
+            width = kv_length - visible.shape[-1]
+            visible = F.pad(visible, (0, width), value=False).expand(batch, -1, -1)
+            if additive is not None:
+                additive = F.pad(additive, (0, width))
         elif mask_regions is not None:
             if len(mask_regions) != batch:
                 raise ValueError(
                     f"mask_regions needs one list of (l, r) regions per sample: got {len(mask_regions)} lists for "
                     f"batch {batch}"
                 )
-            visible = batch_masked_regions_mask(total_length, mask_regions, device=device)[:, past_length:]
+            past = int(past_length)
+            visible = batch_masked_regions_mask(past + query_length, mask_regions, device=device)[:, past:]
+            visible = F.pad(visible, (0, kv_length - past - query_length), value=False)
         else:
-            visible = torch.ones(query_length, total_length, dtype=torch.bool, device=device).tril(past_length)
-            visible = visible[None].expand(batch, -1, -1)
+            query_index = torch.arange(query_length, device=device)[:, None]
+            key_index = torch.arange(kv_length, device=device)[None, :]
+            visible = (key_index <= query_index + past_length)[None].expand(batch, -1, -1)
+            if segment_ids is not None:  # packed sequences (no cache): causal inside each sequence only
+                visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if padding is not None:
             visible = visible & padding[:, None, :]
 
-        if kv_length > total_length:  # static cache: slots past the filled length do not exist yet
-            visible = F.pad(visible, (0, kv_length - total_length), value=False)
-            text_keys = F.pad(text_keys, (0, kv_length - total_length), value=False)
         bias = text_keys[:, None, :].to(dtype) * text_attention_bias
+        if additive is not None:
+            bias = bias + additive.to(dtype)
         return format_attention_mask(visible, bias, self.config, dtype)
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -428,15 +602,17 @@ class CogLMModel(CogLMPreTrainedModel):
             all_hidden += (hidden_states,)
         return hidden_states, all_hidden, all_attentions
 
+    @can_return_tuple
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mask_regions: Sequence[Sequence[Sequence[int]]] | None = None,
         text_attention_bias: float | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -445,62 +621,100 @@ class CogLMModel(CogLMPreTrainedModel):
         Args:
             input_ids: ``[batch, q]`` token ids (image ids, text ids, specials).
             position_ids: ``[q]`` or ``[batch, q]``; defaults to ``past … past+q-1``. CogView2 layouts need their own
-                (see :mod:`coglm_hf.attention_masks`).
-            attention_mask: optional 0/1 visibility (``[batch, q, k]``, ``[batch, 1, q, k]``) or a ``[batch, k]``
-                key padding mask.
+                (see :mod:`coglm_hf.attention_masks`). Without a cache, mask or regions, a position that does not
+                increase starts a new packed sequence (padding-free batches): tokens attend within their sequence.
+            attention_mask: a ready mask ``[batch, q, k]`` / ``[batch, 1, q, k]`` (bool True = attend; float additive,
+                0 = attend and the dtype's minimum = masked; integer 0/1), or a ``[batch, k]`` key padding mask.
             mask_regions: per sample, inclusive ``(l, r)`` regions of Eq. 1 (absolute indices in the full sequence,
                 cached tokens included). Without it and without a mask the model is causal.
             text_attention_bias: ``c`` added to scores on text keys (ids in ``[text_token_offset, boi_token_id)``);
                 defaults to ``config.text_attention_bias``; 0 turns it off.
             past_key_values: a ``DynamicCache``/``StaticCache``; a batch-1 prompt cache is broadcast to the batch.
+                CogLM records in it which cached keys are text (layer 0, see :func:`text_key_record_layer`).
+            inputs_embeds: ``[batch, q, hidden]`` word embeddings instead of ``input_ids`` (positions are still
+                added). The text bias needs the ids: pass ``input_ids`` too to keep it, else no new key counts as text.
+            kwargs: attention kwargs; ``cu_seq_lens_q`` (flash-attention style boundaries of a packed batch of
+                one row) isolates the packed sequences like position resets do.
         """
         config = self.config
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a [batch, seq] LongTensor")
-        batch, query_length = input_ids.shape
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if inputs_embeds is None:
+            if input_ids is None or input_ids.dim() != 2:
+                raise ValueError("input_ids must be a [batch, seq] LongTensor (or pass inputs_embeds)")
+            batch, query_length = input_ids.shape
+            device = input_ids.device
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, seq, hidden_size={config.hidden_size}], got "
+                    f"{list(inputs_embeds.shape)}"
+                )
+            batch, query_length = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+            if input_ids is not None and input_ids.shape != (batch, query_length):
+                raise ValueError(
+                    f"input_ids {list(input_ids.shape)} given with inputs_embeds must match them "
+                    f"[{batch}, {query_length}] (they only mark the text keys)"
+                )
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
 
+        if input_ids is not None:
+            text_keys = config.is_text_token(input_ids)
+        else:
+            text_keys = torch.zeros(batch, query_length, dtype=torch.bool, device=device)
         past_length = 0
         kv_length = query_length
-        text_keys = config.is_text_token(input_ids)
         if past_key_values is not None:
-            past_length = int(past_key_values.get_seq_length())
-            if past_length:
+            past_length = past_key_values.get_seq_length()
+            if not is_torchdynamo_compiling():
+                past_length = int(past_length)
                 cached_batch = _cache_batch_size(past_key_values)
-                if cached_batch == 1 and batch > 1:
+                if past_length and cached_batch == 1 and batch > 1:
                     broadcast_prompt_cache(past_key_values, batch)
-                elif cached_batch not in (None, batch):
-                    raise ValueError(f"the cache holds batch {cached_batch} but input_ids has batch {batch}")
-                previous = getattr(past_key_values, _TEXT_KEYS_ATTR, None)
-                if previous is None or previous.shape[1] != past_length:
-                    raise ValueError("this cache was not filled by a CogLM forward pass (text-key record missing)")
-                text_keys = torch.cat([previous.expand(batch, -1), text_keys], dim=1)
-            setattr(past_key_values, _TEXT_KEYS_ATTR, text_keys)
-            kv_length = past_length + query_length
-            if isinstance(past_key_values, StaticCache):
-                kv_length = past_key_values.get_mask_sizes(query_length, 0)[0]
-                if past_length + query_length > kv_length:
-                    raise ValueError(f"the StaticCache holds {kv_length} tokens; {past_length + query_length} needed")
+                elif past_length and cached_batch not in (None, batch):
+                    raise ValueError(f"the cache holds batch {cached_batch} but the input has batch {batch}")
+            record = text_key_record_layer(past_key_values)
+            if not is_torchdynamo_compiling() and isinstance(record, CogLMDynamicCacheLayer):
+                recorded = 0 if record.text_keys is None else record.text_keys.shape[1]
+                if recorded != past_length:
+                    raise ValueError(
+                        f"the cache's text-key record covers {recorded} tokens but the cache holds {past_length}; "
+                        "edit caches only with the Cache methods (crop, reorder_cache, batch_select_indices, ...)"
+                    )
+            text_keys = record.update_text_keys(text_keys)
+            kv_length = past_key_values.get_mask_sizes(query_length, 0)[0]
+            if not is_torchdynamo_compiling() and past_length + query_length > kv_length:
+                raise ValueError(f"the StaticCache holds {kv_length} tokens; {past_length + query_length} needed")
 
-        max_length = config.max_position_embeddings + config.num_hires_positions
-        if past_length + query_length > max_length:
-            raise ValueError(
-                f"sequence of {past_length + query_length} tokens is longer than the model allows ({max_length} "
-                "positions)"
-            )
+        # packed (padding-free) batches: only without a mask, regions or cached tokens, as in-library models
+        packable = attention_mask is None and mask_regions is None and (past_key_values is None or past_length == 0)
+        segment_ids = None
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + query_length, device=input_ids.device)
+            max_length = config.max_position_embeddings + config.num_hires_positions
+            if not is_torchdynamo_compiling() and past_length + query_length > max_length:
+                raise ValueError(
+                    f"sequence of {past_length + query_length} tokens is longer than the model allows "
+                    f"({max_length} positions); packed sequences need their position_ids"
+                )
+            position_ids = torch.arange(query_length, device=device) + past_length
         if position_ids.dim() == 1:
-            position_ids = position_ids[None].expand(batch, -1)
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids {list(position_ids.shape)} must match input_ids {list(input_ids.shape)}")
+            position_ids = position_ids[None]
+        if position_ids.dim() != 2 or position_ids.shape[1] != query_length or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids {list(position_ids.shape)} must match the input [{batch}, {query_length}]")
+        position_ids = position_ids.expand(batch, -1)
+        if packable and kwargs.get("cu_seq_lens_q") is not None:
+            segment_ids = segments_from_cu_seq_lens(kwargs["cu_seq_lens_q"], batch, query_length)
+        elif packable and query_length > 1:
+            segment_ids = packed_segment_ids(position_ids)
 
-        hidden_states = self.embed(input_ids, position_ids)
+        hidden_states = self.embed(input_ids, position_ids, inputs_embeds)
         bias = config.text_attention_bias if text_attention_bias is None else float(text_attention_bias)
         layer_mask, mask_kwargs = self.build_attention_mask(
-            input_ids, past_length, kv_length, attention_mask, mask_regions, bias, text_keys, hidden_states.dtype
+            batch, query_length, past_length, kv_length, attention_mask, mask_regions, bias, text_keys,
+            hidden_states.dtype, device, segment_ids,
         )
         hidden_states, all_hidden, all_attentions = self.run_layers(
             hidden_states,
@@ -521,19 +735,19 @@ class CogLMModel(CogLMPreTrainedModel):
 
 def region_next_token_loss(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    shift_labels: torch.Tensor,
     scored: torch.Tensor,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 2: cross-entropy of ``logits[:, p]`` against ``labels[:, p + 1]`` at positions where ``scored[:, p]``.
+    """Eq. 2: cross-entropy of ``logits[:, p]`` against ``shift_labels[:, p]`` (the token after ``p``) at positions
+    where ``scored[:, p]``.
 
-    Labels equal to -100 are ignored. Summed and divided by ``num_items_in_batch`` when given (correct gradient
+    Targets equal to -100 are ignored. Summed and divided by ``num_items_in_batch`` when given (correct gradient
     accumulation with the Trainer), else averaged over the scored tokens.
     """
-    targets = labels[:, 1:].clone()
-    targets[~scored[:, :-1]] = -100
+    targets = shift_labels.to(logits.device).masked_fill(~scored, -100)
     loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     if num_items_in_batch is None:
         num_items_in_batch = (targets != -100).sum().clamp(min=1)
@@ -569,10 +783,12 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
     """CogLM with the tied output head: stage-1 generation, caption scoring and CogLM training (Eq. 1 / Eq. 2)."""
 
     _auto_class = "AutoModelForMaskedLM"
+    _can_compile_fullgraph = True  # StaticCache decoding steps trace as one graph (generate's compiled path)
 
+    @can_return_tuple
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mask_regions: Sequence[Sequence[Sequence[int]]] | None = None,
@@ -580,11 +796,13 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
         text_attention_bias: float | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         image_logits_only: bool = False,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> CogLMOutput:
         r"""
@@ -592,6 +810,9 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
             mask_regions: per sample, inclusive ``(l, r)`` index pairs (Eq. 1); also define the loss positions.
             labels: ``[batch, seq]`` token ids to predict (usually ``input_ids``); inside each region ``l … r-1``
                 predict ``labels[l+1 … r]``; without regions every position predicts the next one. -100 = ignore.
+            shift_labels: ``[batch, seq]`` targets already aligned with the logits (position ``p`` predicts
+                ``shift_labels[:, p]``), as sequence/context-parallel training passes them; they take precedence over
+                ``labels``. With ``mask_regions`` only region positions ``l … r-1`` are scored.
             image_logits_only: return fp32 logits over the image ids only (generation); otherwise the full vocab.
             logits_to_keep: compute logits for the last N positions only (0 = all).
             Other arguments: see :meth:`CogLMModel.forward`.
@@ -604,29 +825,38 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
             text_attention_bias=text_attention_bias,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        has_targets = labels is not None or shift_labels is not None
         if logits_to_keep:
-            if labels is not None:
+            if has_targets:
                 raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.image_logits(hidden_states) if image_logits_only else self.lm_head(hidden_states)
 
         loss = None
-        if labels is not None:
+        if has_targets:
             if image_logits_only:
                 raise ValueError("labels need full-vocabulary logits; drop image_logits_only")
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels {list(labels.shape)} must match input_ids {list(input_ids.shape)}")
-            if past_key_values is not None and int(past_key_values.get_seq_length()) != input_ids.shape[1]:
+            batch, seq_len = hidden_states.shape[:2]
+            for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+                if targets is not None and targets.shape != (batch, seq_len):
+                    raise ValueError(f"{name} {list(targets.shape)} must match the input [{batch}, {seq_len}]")
+            if past_key_values is not None and int(past_key_values.get_seq_length()) != seq_len:
                 raise ValueError("compute the loss on a full sequence, not on cached decoding steps")
-            seq_len = input_ids.shape[1]
-            regions = mask_regions if mask_regions is not None else [[(0, seq_len - 1)]] * input_ids.shape[0]
-            scored = torch.stack([masked_regions_loss_mask(seq_len, r, device=input_ids.device) for r in regions])
-            loss = region_next_token_loss(logits, labels, scored, num_items_in_batch)
+            if shift_labels is None:
+                shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+            if mask_regions is None:
+                scored = torch.ones(batch, seq_len, dtype=torch.bool, device=logits.device)
+            else:
+                scored = torch.stack(
+                    [masked_regions_loss_mask(seq_len, r, device=logits.device) for r in mask_regions]
+                )
+            loss = region_next_token_loss(logits, shift_labels, scored, num_items_in_batch)
 
         return CogLMOutput(
             loss=loss,
@@ -635,6 +865,67 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    # ----------------------------------------------------------------------------------------------- generate
+    def create_masks_for_generate(
+        self,
+        config: CogLMConfig,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The 4D mask ``generate`` prepares for compilable (static) caches: bool ``[batch, 1, q, max_cache_len]``,
+        causal over the cached tokens and the new ones, padded keys of a 2D ``attention_mask`` hidden. CogLM turns it
+        into its attention implementation's format itself (with the text bias), so one format serves them all."""
+        batch, query_length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv_length = (
+            past_key_values.get_mask_sizes(query_length, 0)[0] if past_key_values is not None else query_length
+        )
+        query_index = torch.arange(query_length, device=device)[:, None]
+        key_index = torch.arange(kv_length, device=device)[None, :]
+        visible = (key_index <= query_index + past_length)[None].expand(batch, -1, -1)
+        if attention_mask is not None:
+            padding = attention_mask.to(device) != 0
+            visible = visible & F.pad(padding, (0, kv_length - padding.shape[1]), value=False)[:, None, :]
+        return visible[:, None]
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        mask_regions: Sequence[Sequence[Sequence[int]]] | None = None,
+        **kwargs,
+    ) -> dict:
+        """Transformers' preparation, plus two CogLM rules:
+
+        * ``mask_regions`` (Eq. 1 over the prompt) apply to the first forward only; every generated token then
+          attends causally to all earlier tokens, as a region token does.
+        * with ``inputs_embeds``, the prompt's ``input_ids`` (when given too) travel along so that the text bias
+          still knows which prompt keys are text.
+        """
+        regions_now = mask_regions if is_first_iteration else None
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if regions_now is not None:
+            # regions replace the causal 4D mask generate builds for static caches; padding stays a 2D mask
+            model_inputs["attention_mask"] = attention_mask
+            model_inputs["mask_regions"] = regions_now
+        embeds = model_inputs.get("inputs_embeds")
+        if embeds is not None and input_ids is not None and input_ids.shape[1] >= embeds.shape[1]:
+            model_inputs["input_ids"] = input_ids[:, input_ids.shape[1] - embeds.shape[1] :]
+        return model_inputs
 
     @torch.no_grad()
     def score_captions(
@@ -705,7 +996,10 @@ __all__ = [
     "CogLMOutput",
     "CogLMPreTrainedModel",
     "CogLMWithTiedHead",
+    "CogLMDynamicCacheLayer",
+    "CogLMStaticCacheLayer",
     "broadcast_prompt_cache",
     "format_attention_mask",
     "region_next_token_loss",
+    "text_key_record_layer",
 ]
