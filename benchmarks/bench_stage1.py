@@ -1,9 +1,19 @@
-"""Stage-1 generation: cached decoding vs recomputing the whole sequence at every step.
+"""Stage-1 generation: the decoding loops side by side.
 
-Both loops generate the same 400 image tokens (greedy cluster rule, so both produce identical tokens) with a small
-CogLM config, in one process, and report tokens/s and the ratio. Usage:
+Every loop generates the same 400 image tokens (greedy, so all produce identical tokens — checked) with a small
+CogLM config, in one process, and reports tokens/s and the ratio to the eager DynamicCache loop:
 
-    python benchmarks/bench_stage1.py [--hidden 256 --layers 4 --heads 4 --tokens 400 --text 16]
+* uncached: the whole sequence recomputed at every step;
+* eager DynamicCache: the prompt encoded once, one token per step against a growing KV cache;
+* eager StaticCache: the same against a preallocated cache (every step attends over all its slots, masked);
+* compiled StaticCache: the one-token step through ``torch.compile(model, fullgraph=True)`` (inductor; on CPU it
+  needs a C++ compiler). Compilation happens in a warm-up run and is reported separately.
+
+Times are wall-clock and CPU time of the process (with one thread, CPU time is steadier on a shared machine).
+
+Usage:
+
+    python benchmarks/bench_stage1.py [--hidden 256 --layers 4 --heads 4 --tokens 400 --text 16 --threads 1]
 """
 
 import argparse
@@ -11,42 +21,47 @@ import platform
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from coglm_hf import CogLMConfig, CogLMForMaskedRegions
 from coglm_hf.attention_masks import text_to_image_position_ids, text_to_image_regions
+from coglm_hf.modeling_coglm import broadcast_prompt_cache
 
 
 @torch.no_grad()
-def generate_cached(model, prompt, num_tokens):
+def generate_cached(model, prompt, num_tokens, cache, step_model=None, batch=1):
+    """Prefill eagerly (batch 1), then one token per step for ``batch`` images through ``step_model`` (default: the
+    eager model)."""
     config = model.config
+    step_model = model if step_model is None else step_model
     text_length = prompt.shape[1] - 1
     positions = text_to_image_position_ids(text_length, num_tokens, config.boi_position_id)
-    cache = DynamicCache(config=config)
     out = model(prompt, position_ids=positions[: text_length + 1], mask_regions=[text_to_image_regions(text_length, 0)],
                 past_key_values=cache, use_cache=True, image_logits_only=True)
+    broadcast_prompt_cache(cache, batch)
     tokens = []
     for step in range(num_tokens):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1)
         tokens.append(token)
         if step + 1 == num_tokens:
             break
         t = text_length + 1 + step
-        out = model(token, position_ids=positions[t : t + 1], past_key_values=cache, use_cache=True,
-                    image_logits_only=True)
+        out = step_model(token, position_ids=positions[t : t + 1], past_key_values=cache, use_cache=True,
+                         image_logits_only=True)
     return torch.cat(tokens, 1)
 
 
 @torch.no_grad()
-def generate_uncached(model, prompt, num_tokens):
+def generate_uncached(model, prompt, num_tokens, batch=1):
     config = model.config
+    prompt = prompt.expand(batch, -1)
     text_length = prompt.shape[1] - 1
     positions = text_to_image_position_ids(text_length, num_tokens, config.boi_position_id)
     sequence = prompt
     for _ in range(num_tokens):
         n = sequence.shape[1] - text_length - 1
         logits = model(sequence, position_ids=positions[: sequence.shape[1]],
-                       mask_regions=[text_to_image_regions(text_length, n)], use_cache=False, image_logits_only=True,
+                       mask_regions=[text_to_image_regions(text_length, n)] * batch, use_cache=False, image_logits_only=True,
                        logits_to_keep=1).logits
         sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return sequence[:, text_length + 1 :]
@@ -59,7 +74,9 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--text", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1, help="images generated together from one prompt")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
+    parser.add_argument("--skip-uncached", action="store_true", help="leave out the slow full-recompute loop")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,20 +89,43 @@ def main():
     model = CogLMForMaskedRegions(config).eval()
     model.set_attn_implementation("sdpa")
     prompt = torch.cat([torch.randint(20000, 20090, (1, args.text)), torch.tensor([[20090]])], 1)
+    cache_length = args.text + 1 + args.tokens
 
+    def static_cache():
+        return StaticCache(config=config, max_cache_len=cache_length)
+
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    n, b = args.tokens, args.batch
+    loops = {
+        "eager DynamicCache": lambda: generate_cached(model, prompt, n, DynamicCache(config=config), batch=b),
+        "eager StaticCache": lambda: generate_cached(model, prompt, n, static_cache(), batch=b),
+        "compiled StaticCache": lambda: generate_cached(model, prompt, n, static_cache(), compiled, batch=b),
+    }
+    if not args.skip_uncached:
+        loops["uncached (full recompute per step)"] = lambda: generate_uncached(model, prompt, n, batch=b)
+
+    start = time.perf_counter()
+    loops["compiled StaticCache"]()  # warm-up: traces and compiles the one-token step
+    compile_s = time.perf_counter() - start
     results = {}
-    for name, fn in (("cached", generate_cached), ("uncached", generate_uncached)):
-        start = time.perf_counter()
-        tokens = fn(model, prompt, args.tokens)
-        results[name] = (time.perf_counter() - start, tokens)
-    assert torch.equal(results["cached"][1], results["uncached"][1]), "both loops must generate the same tokens"
-    cached_s, uncached_s = results["cached"][0], results["uncached"][0]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"config: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, prompt {args.text}+1, {args.tokens} tokens")
-    print("| loop | seconds | tokens/s | speed-up |")
-    print("|---|---:|---:|---:|")
-    print(f"| uncached (full recompute per step) | {uncached_s:.2f} | {args.tokens / uncached_s:.1f} | 1.00× |")
-    print(f"| cached (prompt once, KV cache) | {cached_s:.2f} | {args.tokens / cached_s:.1f} | {uncached_s / cached_s:.2f}× |")
+    for name, run in loops.items():
+        start, start_cpu = time.perf_counter(), time.process_time()
+        tokens = run()
+        results[name] = (time.perf_counter() - start, time.process_time() - start_cpu, tokens)
+    reference_s, reference_cpu, reference_tokens = results["eager DynamicCache"]
+    for name, (_, _, tokens) in results.items():
+        assert torch.equal(tokens, reference_tokens), f"{name} generated different tokens"
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"config: hidden {args.hidden}, layers {args.layers}, heads {args.heads}, prompt {args.text}+1, "
+          f"{n} tokens, batch {b}")
+    print("| loop | wall s | tokens/s (wall) | CPU s | tokens/s (CPU) | vs eager DynamicCache (wall / CPU) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (seconds, cpu, _) in results.items():
+        print(f"| {name} | {seconds:.2f} | {n * b / seconds:.1f} | {cpu:.2f} | {n * b / cpu:.1f} | "
+              f"{reference_s / seconds:.2f}× / {reference_cpu / cpu:.2f}× |")
+    print(f"compilation (warm-up run, once per shape): {compile_s:.1f} s")
     print("identical tokens: yes")
 
 

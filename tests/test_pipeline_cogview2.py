@@ -499,3 +499,18 @@ def test_missing_or_mismatched_components(pipe):
     for components, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             CogView2Pipeline(**components)(**kwargs)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stage1_static_cache_and_compiled_steps_give_the_same_tokens(spm_model, compiled):
+    pipe = build_tiny_pipeline(spm_model)
+    kwargs = dict(prompt=["a cat", "a dog"], num_images_per_prompt=3, stage1_batch_size=2, only_first_stage=True)
+    reference = tokens_of(pipe, generator=seeded(3), **kwargs)  # sampled, chunks of 2 + 1 sharing a prompt cache
+    # the "eager" backend traces the whole step (fullgraph) without generating code: cheap on CI's CPU
+    pipe.set_stage1_decoding("static", compile=compiled, **({"backend": "eager"} if compiled else {}))
+    torch._dynamo.reset()
+    torch.testing.assert_close(tokens_of(pipe, generator=seeded(3), **kwargs), reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="static"):
+        pipe.set_stage1_decoding("dynamic", compile=True)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        pipe.set_stage1_decoding("sliding")

@@ -689,9 +689,10 @@ class CogLMModel(CogLMPreTrainedModel):
             if not is_torchdynamo_compiling() and past_length + query_length > kv_length:
                 raise ValueError(f"the StaticCache holds {kv_length} tokens; {past_length + query_length} needed")
 
-        # packed (padding-free) batches: only without a mask, regions or cached tokens, as in-library models
-        packable = attention_mask is None and mask_regions is None and (past_key_values is None or past_length == 0)
+        # packed (padding-free) batches: only without a mask, regions, cached tokens or static slots
+        packable = attention_mask is None and mask_regions is None and kv_length == query_length
         segment_ids = None
+        explicit_positions = position_ids is not None
         if position_ids is None:
             max_length = config.max_position_embeddings + config.num_hires_positions
             if not is_torchdynamo_compiling() and past_length + query_length > max_length:
@@ -707,7 +708,7 @@ class CogLMModel(CogLMPreTrainedModel):
         position_ids = position_ids.expand(batch, -1)
         if packable and kwargs.get("cu_seq_lens_q") is not None:
             segment_ids = segments_from_cu_seq_lens(kwargs["cu_seq_lens_q"], batch, query_length)
-        elif packable and query_length > 1:
+        elif packable and explicit_positions and query_length > 1:
             segment_ids = packed_segment_ids(position_ids)
 
         hidden_states = self.embed(input_ids, position_ids, inputs_embeds)
@@ -828,6 +829,7 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -865,6 +867,12 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    @staticmethod
+    def broadcast_cache(cache: Cache, batch_size: int) -> Cache:
+        """:func:`broadcast_prompt_cache` for callers that hold only the model (e.g. a pipeline loaded as remote
+        code)."""
+        return broadcast_prompt_cache(cache, batch_size)
 
     # ----------------------------------------------------------------------------------------------- generate
     def create_masks_for_generate(
@@ -978,7 +986,8 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
         position_ids = caption_scoring_position_ids(num_image, caption_length, config.boi_position_id).to(device)
         regions = [caption_scoring_regions(num_image, caption_length)] * batch
         hidden = self.transformer(
-            input_ids, position_ids=position_ids, mask_regions=regions, text_attention_bias=0.0, use_cache=False
+            input_ids, position_ids=position_ids, mask_regions=regions, text_attention_bias=0.0, use_cache=False,
+            return_dict=True,
         ).last_hidden_state
         # logits at index t-1 predict the caption token at t (t ≥ N+1); the tag itself is not scored
         logits = self.lm_head(hidden[:, num_image:-1]).float()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from .image_processing_icevq import IceVQImageProcessor
 
@@ -149,6 +149,9 @@ class CogView2StagesMixin:
     model_cpu_offload_seq = "base_model->dsr_model->itersr_model->image_tokenizer"
     _optional_components = ["tokenizer", "image_tokenizer", "dsr_model", "itersr_model"]
     _callback_tensor_inputs = ["image_tokens", "sample_indices"]
+    # stage-1 decoding (see `set_stage1_decoding`): the cache kind and, when compiled, the compiled base model
+    _stage1_cache_implementation = "dynamic"
+    _stage1_step = None
 
     def __init__(self, tokenizer, image_tokenizer, base_model, dsr_model, itersr_model, scheduler):
         """
@@ -303,6 +306,34 @@ class CogView2StagesMixin:
 
     # ---------------------------------------------------------------------------------------------------- stage 1
 
+    def set_stage1_decoding(self, cache_implementation: str = "dynamic", compile: bool = False, **compile_kwargs):
+        """Choose how stage 1 runs its one-token decoding steps (the tokens are the same either way).
+
+        Args:
+            cache_implementation: `"dynamic"` (default): a `DynamicCache` that grows by one token per step.
+                `"static"`: a `StaticCache` preallocated for the longest prompt plus the grid
+                (`max_text_length + 1 + image_grid_size²` slots), so every step has the same shapes.
+            compile: with `"static"`, run the steps through `torch.compile(base_model, fullgraph=True, dynamic=False,
+                **compile_kwargs)` (on a GPU add `mode="reduce-overhead"` for CUDA graphs; on a CPU inductor needs a
+                C++ compiler). The first call compiles (seconds to minutes); each new chunk size compiles once more.
+            compile_kwargs: passed to `torch.compile`.
+        """
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        if compile and cache_implementation != "static":
+            raise ValueError("compile=True needs cache_implementation='static' (a growing cache recompiles every step)")
+        self._stage1_cache_implementation = cache_implementation
+        self._stage1_step = None
+        if compile:
+            options = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+            self._stage1_step = torch.compile(self.base_model, **options)
+
+    def _new_stage1_cache(self) -> Cache:
+        config = self.base_model.config
+        if self._stage1_cache_implementation == "static":
+            return StaticCache(config=config, max_cache_len=config.max_text_length + 1 + config.num_image_positions)
+        return DynamicCache(config=config)
+
     def _step_callback(self, callback, tensor_inputs, stage: str, step: int, image_tokens, sample_indices):
         """Call `callback(pipe, step, stage, {name: tensor})`; returns the (possibly replaced) `image_tokens`."""
         if callback is None:
@@ -317,7 +348,7 @@ class CogView2StagesMixin:
 
     def prefill(
         self, text_ids: Sequence[int], context_tokens: torch.Tensor | None = None, context_cells: torch.Tensor | None = None
-    ) -> tuple[DynamicCache, torch.Tensor]:
+    ) -> tuple[Cache, torch.Tensor]:
         """Encode `[text, <start_of_image>, context image tokens]` once (batch 1) and return the cache and the fp32
         image logits `[1, V_img]` of its last position.
 
@@ -341,7 +372,7 @@ class CogView2StagesMixin:
         visible = torch.ones(size, size, dtype=torch.bool, device=device).tril()
         visible[:length, :length] = True
         visible[length + 1 :, length + 1 :] = True
-        cache = DynamicCache(config=config)
+        cache = self._new_stage1_cache()
         logits = self.base_model(
             input_ids,
             position_ids=position_ids,
@@ -355,7 +386,7 @@ class CogView2StagesMixin:
 
     def autoregress(
         self,
-        cache: DynamicCache,
+        cache: Cache,
         logits: torch.Tensor,
         grid: torch.Tensor,
         cells: torch.Tensor,
@@ -386,6 +417,8 @@ class CogView2StagesMixin:
         to_sample = (grid[0, cells] < 0).tolist()
         positions = (config.boi_position_id + 1 + cells).to(grid.device)
         logits = logits.expand(batch, -1)
+        self.base_model.broadcast_cache(cache, batch)  # before the steps: a compiled step never sees batch 1
+        step_model = self.base_model if self._stage1_step is None else self._stage1_step
         for step, cell in enumerate(cells.tolist()):
             if to_sample[step]:
                 grid[:, cell] = self.scheduler.sample_stage1(
@@ -400,7 +433,7 @@ class CogView2StagesMixin:
                     callback, tensor_inputs, "stage1", step, grid.view(batch, side, side), sample_indices
                 ).view(batch, -1)
             if step + 1 < len(to_sample):
-                logits = self.base_model(
+                logits = step_model(
                     grid[:, cell : cell + 1],
                     position_ids=positions[step : step + 1],
                     past_key_values=cache,
