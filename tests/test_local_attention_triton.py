@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -190,6 +191,70 @@ def test_hub_kernel_needs_explicit_trust(kernel, monkeypatch, caplog):
     assert fake.calls[-1] == [REPO_ID]
     with pytest.raises(RuntimeError, match="not from a trusted publisher"):
         la.load_local_attention_kernel(repo_id=REPO_ID, trust_remote_code=False)  # the argument wins
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled for Hopper without a GPU: the interpreter does not run Triton's compiler, this does
+# ---------------------------------------------------------------------------------------------------------------
+
+AOT = r"""
+import inspect, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import cogview2_local_attention_triton as pkg
+from cogview2_local_attention_triton import _triton_kernels as tk
+
+TENSORS = {"GM": "*u8", "LSE": "*fp32", "DELTA": "*fp32"}
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+def compile_for_hopper(fn, dtype, **constants):
+    constants["PRECISION"] = pkg._precision(dtype)
+    signature = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in TENSORS:
+            signature[name] = TENSORS[name]
+        elif name in ("Q", "K", "V", "CK", "CV", "GK", "GV", "OUT", "DO", "DQ", "DK", "DV"):
+            signature[name] = "*" + DTYPES[dtype]
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"]
+    print("compiled", fn.fn.__name__, DTYPES[dtype])
+
+local = pkg._WindowSet.make(60, 60, 60, 60, 9, 5, False)  # the real DSR windows
+cross = pkg._WindowSet.make(60, 60, 20, 20, 5, 5, False)
+causal = pkg._WindowSet.make(20, 20, 20, 20, 17, 9, True)
+tr, tc = pkg.QUERY_TILE
+common = dict(TR=tr, TC=tc, BLOCK_G=pkg.GLOBAL_BLOCK, BLOCK_D=64)
+for dtype in (torch.bfloat16, torch.float32):
+    compile_for_hopper(tk._forward_kernel, dtype, CAUSAL=False, HAS_CROSS=True, HAS_GLOBAL=True,
+                       BLOCK_KC=pkg._key_run(local, tc), BLOCK_CKC=pkg._key_run(cross, tc), **common)
+compile_for_hopper(tk._dq_kernel, torch.float16, CAUSAL=True, HAS_CROSS=True, HAS_GLOBAL=True,
+                   BLOCK_KC=pkg._key_run(causal, tc), BLOCK_CKC=pkg._key_run(cross, tc), **common)
+for ws, dtype, is_causal in ((causal, torch.float32, True), (cross, torch.bfloat16, False)):
+    tkr, tkc = pkg._key_tile(ws)
+    compile_for_hopper(tk._dkv_window_kernel, dtype, CAUSAL=is_causal, TKR=tkr, TKC=tkc,
+                       BLOCK_QC=pkg._query_run(ws, tkc), BLOCK_D=64)
+compile_for_hopper(tk._dkv_global_kernel, torch.bfloat16, BLOCK_G=pkg.GLOBAL_BLOCK, BLOCK_N=pkg.QUERY_BLOCK,
+                   BLOCK_D=64)
+"""
+
+
+def test_triton_kernels_compile_for_hopper():
+    """Every kernel goes through Triton's compiler to sm_90 PTX and cubin (no GPU needed): catches what only the
+    compiler rejects (non-constexpr globals, types of loop-carried values, dot shapes)."""
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", AOT, str(KERNEL_DIR / "torch-ext")], capture_output=True,
+                            text=True, env=env, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("compiled ") == 6, result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,16 @@ def _key_run(ws: _WindowSet, tile_cols: int) -> int:
     return _pow2(centres + ws.window_cols - 1)
 
 
+def _key_tile(ws: _WindowSet) -> tuple[int, int]:
+    """Key cells (rows, cols) per dk/dv program: 8x8, or 4x4 on a coarse grid (each key sees 3x3 more queries)."""
+    return (8, 8) if ws.ratio_cols == 1 else (4, 4)
+
+
+def _query_run(ws: _WindowSet, tile_cols: int) -> int:
+    """Longest run of query columns whose windows contain one of ``tile_cols`` adjacent key columns."""
+    return _pow2((tile_cols + ws.window_cols - 1) * ws.ratio_cols)
+
+
 def _strides(t: torch.Tensor, batch: int) -> tuple[int, int, int]:
     """Batch (0 when broadcast), head and token strides of a ``[B, H, N, D]`` tensor with a unit head-dim stride."""
     return (t.stride(0) if t.shape[0] == batch and batch > 1 else 0), t.stride(1), t.stride(2)
@@ -150,13 +160,13 @@ def _window_grads(pb: _Problem, ws: _WindowSet, causal: bool, q, k, v, dout, lse
     batch, heads, _, dim = q.shape
     dk = torch.empty((k.shape[0], heads, k.shape[2], dim), dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
-    tkr, tkc = (8, 8) if ws.ratio_cols == 1 else (4, 4)
+    tkr, tkc = _key_tile(ws)
     broadcast = k.shape[0] != batch
     grid = (triton.cdiv(ws.key_rows, tkr) * triton.cdiv(ws.key_cols, tkc), k.shape[0] * heads)
     _dkv_window_kernel[grid](
         q, k, v, dout, lse, delta, dk, dv, *_strides(q, batch), *_strides(k, k.shape[0]), *_strides(v, v.shape[0]),
         heads, batch if broadcast else 1, 0 if broadcast else 1, pb.rows, pb.cols, dim, pb.scale, *ws,
-        CAUSAL=causal, TKR=tkr, TKC=tkc, BLOCK_QC=_pow2((tkc + ws.window_cols - 1) * ws.ratio_cols),
+        CAUSAL=causal, TKR=tkr, TKC=tkc, BLOCK_QC=_query_run(ws, tkc),
         BLOCK_D=_pow2(dim), PRECISION=_precision(q.dtype),
     )  # fmt: skip
     return dk, dv
