@@ -320,6 +320,33 @@ def test_model_cpu_offload_runs_each_stage_through_its_hook(spm_model):
                                   plain("a cat", generator=seeded(1), output_type="np").images)
 
 
+def test_each_stage_runs_where_its_model_is(spm_model):
+    """Stage inputs follow their own model's device: an offload hook's execution device wins over the weights'
+    device. With sequential offload attached (accelerate cannot run it with the CPU as execution device, but it
+    attaches) the SR weights are on the meta device and the stages still target the execution device."""
+    pipe = build_tiny_pipeline(spm_model)
+    assert {pipe._device_of(getattr(pipe, name)).type for name in ("base_model", "dsr_model", "itersr_model",
+                                                                   "image_tokenizer")} == {"cpu"}
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert pipe.dsr_model.transformer.layers[0].attention.dense.weight.device.type == "meta"
+    assert pipe._device_of(pipe.dsr_model) == torch.device("cpu", 0)
+    assert getattr(pipe.image_tokenizer, "_hf_hook", None) is None  # moved whole, not hooked: weights not on meta
+    assert {p.device.type for p in pipe.image_tokenizer.parameters()} == {"cpu"}
+
+
+@pytest.mark.gpu
+def test_gpu_stages_on_two_devices(spm_model):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    pipe = build_tiny_pipeline(spm_model).to("cuda:0", torch.float16)
+    expected = tokens_of(pipe, prompt="a red cat", generator=torch.Generator("cuda:0").manual_seed(0))
+    for name in ("dsr_model", "itersr_model", "image_tokenizer"):
+        getattr(pipe, name).to("cuda:1")
+    tokens = tokens_of(pipe, prompt="a red cat", generator=torch.Generator("cuda:0").manual_seed(0))
+    torch.testing.assert_close(tokens.cpu(), expected.cpu(), rtol=0, atol=0)
+    assert pipe("a cat", generator=torch.Generator("cuda:0").manual_seed(1), output_type="np").images.shape[0] == 1
+
+
 @pytest.mark.gpu
 def test_gpu_sequential_cpu_offload(spm_model):
     """Weights stay on the CPU and each submodule is moved to the GPU only for its forward (accelerate refuses the

@@ -147,6 +147,8 @@ class CogView2StagesMixin:
     """Components, stages and saving/loading shared by `CogView2Pipeline` and `CogView2InpaintPipeline`."""
 
     model_cpu_offload_seq = "base_model->dsr_model->itersr_model->image_tokenizer"
+    # sequential offload moves the (small) image tokenizer to the accelerator whole: its code lookup is not a forward
+    _exclude_from_cpu_offload = ["image_tokenizer"]
     _optional_components = ["tokenizer", "image_tokenizer", "dsr_model", "itersr_model"]
     _callback_tensor_inputs = ["image_tokens", "sample_indices"]
     # stage-1 decoding (see `set_stage1_decoding`): the cache kind and, when compiled, the compiled base model
@@ -234,6 +236,25 @@ class CogView2StagesMixin:
         if generator.device.type != device.type:
             raise ValueError(f"the generator is on {generator.device} but the pipeline runs on {device}; create it "
                              f"there: torch.Generator('{device.type}').manual_seed(seed)")
+
+    @staticmethod
+    def _device_of(model) -> torch.device:
+        """Where `model` computes: the execution device of its accelerate offload hook (on the model for model
+        offload, on its submodules for sequential offload), else the device of its weights. Each stage builds its
+        inputs there, so the three models may sit on different devices (`pipe.base_model.to("cuda:0")`,
+        `pipe.dsr_model.to("cuda:1")`, …)."""
+        for module in model.modules():
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+        return next(model.parameters()).device
+
+    @staticmethod
+    def _for_generator(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Logits on the generator's device (a stage on another GPU than the generator samples there)."""
+        if generator is None or generator.device == logits.device:
+            return logits
+        return logits.to(generator.device)
 
     def _warn_if_half_on_cpu(self, device: torch.device) -> None:
         """float16 has no fast CPU kernels: stage 1 ran about 3× slower than in float32 when measured. Warned once
@@ -358,7 +379,7 @@ class CogView2StagesMixin:
         The text up-weighting (+c on text keys) is applied by the model.
         """
         config = self.base_model.config
-        device = self._execution_device
+        device = self._device_of(self.base_model)
         text = torch.tensor(list(text_ids), dtype=torch.long, device=device)
         boi = torch.tensor([config.boi_token_id], dtype=torch.long, device=device)
         if context_tokens is None:
@@ -422,12 +443,12 @@ class CogView2StagesMixin:
         for step, cell in enumerate(cells.tolist()):
             if to_sample[step]:
                 grid[:, cell] = self.scheduler.sample_stage1(
-                    logits,
+                    self._for_generator(logits, generator),
                     generator,
                     temperature=settings["temperature"],
                     top_k_clusters=settings["top_k_clusters"],
                     cluster_temperature=settings["cluster_temperature"],
-                )
+                ).to(grid.device)
             if callback is not None:
                 grid = self._step_callback(
                     callback, tensor_inputs, "stage1", step, grid.view(batch, side, side), sample_indices
@@ -462,7 +483,7 @@ class CogView2StagesMixin:
         cells = torch.arange(side * side)
         chunks = [(p, start, min(batch_size, per_prompt - start))
                   for p in range(len(requests)) for start in range(0, per_prompt, batch_size)]
-        device = self._execution_device
+        device = self._device_of(self.base_model)
         results = []
         with self.progress_bar(total=len(chunks) * cells.numel()) as progress:
             progress.set_description("stage 1")
@@ -521,9 +542,9 @@ class CogView2StagesMixin:
 
     # ---------------------------------------------------------------------------------------- super-resolution
 
-    def _pad_texts(self, texts: Sequence[Sequence[int]]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    @staticmethod
+    def _pad_texts(texts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Right-pad id lists into `[b, T]` ids and a `[b, T]` 0/1 mask (the SR models re-pack them on the left)."""
-        device = self._execution_device
         width = max(len(t) for t in texts)
         ids = torch.zeros(len(texts), width, dtype=torch.long, device=device)
         mask = torch.zeros(len(texts), width, dtype=torch.long, device=device)
@@ -551,11 +572,12 @@ class CogView2StagesMixin:
             progress.set_description("direct super-resolution")
             for start in range(0, low_res.shape[0], batch_size):
                 chunk = low_res[start : start + batch_size]
-                input_ids, attention_mask = self._pad_texts(texts[start : start + batch_size])
+                input_ids, attention_mask = self._pad_texts(texts[start : start + batch_size],
+                                                            self._device_of(self.dsr_model))
                 logits = self.dsr_model(input_ids=input_ids, attention_mask=attention_mask,
                                         low_res_tokens=chunk.to(input_ids.device)).logits
                 tokens = self.scheduler.sample_dsr(
-                    logits,
+                    self._for_generator(logits, generator),
                     generator,
                     dsr_temperature=settings["dsr_temperature"],
                     dsr_top_k_clusters=settings["dsr_top_k_clusters"],
@@ -593,7 +615,8 @@ class CogView2StagesMixin:
             for start in range(0, tokens.shape[0], batch_size):
                 current = tokens[start : start + batch_size].clone()
                 batch = current.shape[0]
-                input_ids, attention_mask = self._pad_texts([t[:slots] for t in texts[start : start + batch_size]])
+                input_ids, attention_mask = self._pad_texts([t[:slots] for t in texts[start : start + batch_size]],
+                                                            self._device_of(self.itersr_model))
                 current = current.to(input_ids.device)
                 chunk_mask = None if input_mask is None else input_mask[start : start + batch_size].to(current.device)
                 sample_indices = torch.arange(start, start + batch)
@@ -606,8 +629,9 @@ class CogView2StagesMixin:
                     ).logits
                     flat = regenerate.reshape(batch, -1)
                     samples = self.scheduler.sample_itersr(
-                        logits[flat], top_k, generator, temperature=settings["itersr_temperature"]
-                    )
+                        self._for_generator(logits[flat], generator), top_k, generator,
+                        temperature=settings["itersr_temperature"],
+                    ).to(current.device)
                     del logits
                     current = current.reshape(batch, -1).masked_scatter(flat, samples).view(batch, side, side)
                     current = self._step_callback(callback, tensor_inputs, "itersr", step, current, sample_indices)
@@ -622,7 +646,7 @@ class CogView2StagesMixin:
         `upscale` > 1 enlarges them by nearest-neighbour (first-stage-only output, §3.7)."""
         images = []
         for chunk in tokens.split(batch_size):
-            decoded = self.image_tokenizer.decode(chunk.to(self._execution_device)).float()
+            decoded = self.image_tokenizer.decode(chunk.to(self._device_of(self.image_tokenizer))).float()
             if upscale > 1:
                 decoded = F.interpolate(decoded, scale_factor=upscale, mode="nearest")
             images.append(decoded.cpu())
