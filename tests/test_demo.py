@@ -241,6 +241,22 @@ def test_prompts_outside_the_demo_vocabulary_warn_naming_the_words():
             tokenizer.encode_prompt(sample.caption_zh)
 
 
+def test_evaluation_pictures_are_titled_by_column_and_captioned_by_row(tmp_path):
+    from PIL import Image
+
+    from coglm_hf.demo.evaluate import save_image_grid
+    from coglm_hf.image_grid import GAP
+
+    red, blue = Image.new("RGB", (240, 240), "red"), Image.new("RGB", (80, 80), "blue")
+    path = save_image_grid(tmp_path / "grid.png", [[red, blue], [blue, red]], column_titles=["ground truth", "stage 1"],
+                           row_captions=["a red square", "a blue square"], cell=60)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape[1] == 2 * 60 + GAP and grid.shape[0] > 2 * 60 + 2 * 12  # titles above, captions below
+    title_rows = np.flatnonzero((grid[:, :60] < 100).all(axis=2).any(axis=1))  # dark text pixels, first column
+    first_red = np.flatnonzero((grid[:, 30] == (255, 0, 0)).all(axis=1))[0]
+    assert title_rows.size and title_rows.min() < first_red  # a title above the first image
+
+
 def test_edit_trials_replace_the_right_shape_with_a_held_out_target():
     from coglm_hf.demo.evaluate_editing import edit_trials
 

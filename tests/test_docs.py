@@ -55,3 +55,11 @@ def test_training_smoke_run_and_back_into_a_pipeline_as_documented(tmp_path):
     assert (tmp_path / "smoke-run" / "model.safetensors").is_file()
     assert (tmp_path / "smoke-pipeline" / "pipeline_cogview2.py").is_file()
     assert [p.name for p in (tmp_path / "smoke-images").iterdir()] == ["00-a-red-star-on-a-white-background-0.png"]
+
+
+def test_readme_python_example_runs_on_the_demo_model():
+    """README: the demo pipeline from Python, as written (3 images, 240x240)."""
+    [(language, code)] = [block for block in _blocks("README.md", "What it makes") if block[0] == "python"]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert [image.size for image in namespace["images"]] == [(240, 240)] * 3

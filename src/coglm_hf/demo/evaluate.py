@@ -184,24 +184,30 @@ def evaluate(pipeline, num_prompts: int = 24, images_per_prompt: int = 2, seed: 
     return rows
 
 
-def save_image_grid(path: str | Path, rows: list[list[Image.Image]], cell: int = 120) -> Path:
-    """PNG of `rows` of images, each resized to `cell`×`cell` (box filter), on a white canvas."""
-    grid = Image.new("RGB", (cell * max(len(row) for row in rows), cell * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.BOX), (c * cell, r * cell))
+def save_image_grid(path: str | Path, rows: list[list[Image.Image]], column_titles: list[str] | None = None,
+                    row_captions: list[str] | None = None, cell: int = 120) -> Path:
+    """PNG of `rows` of images, each resized to `cell`×`cell` (box filter), titled by column, with each row's caption
+    (its prompt) under its first image."""
+    from ..image_grid import make_grid
+
+    labels = None
+    if row_captions is not None:
+        labels = [[caption] + [""] * (len(row) - 1) for caption, row in zip(row_captions, rows)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    make_grid(rows, labels, column_titles, cell=cell, max_label_lines=4).save(path)
     return path
 
 
 def write_grid(path: str | Path, samples: list[ShapesSample], outputs: dict[str, list[Image.Image]],
                images_per_prompt: int, rows: int = 6) -> Path:
-    """PNG grid: per prompt, the ground truth then the first image of each configuration, at 120 px."""
-    return save_image_grid(path, [[sample.image(HIRES_SIZE)] + [images[r * images_per_prompt] for images in
-                                                                 outputs.values()]
-                                  for r, sample in enumerate(samples[:rows])])
+    """PNG grid: per prompt, the ground truth then the first image of each configuration, at 120 px; columns titled
+    by configuration, the prompt under the ground truth."""
+    shown = samples[:rows]
+    return save_image_grid(
+        path, [[sample.image(HIRES_SIZE)] + [images[r * images_per_prompt] for images in outputs.values()]
+               for r, sample in enumerate(shown)],
+        column_titles=["ground truth", *outputs], row_captions=[caption_en(s.scene, random.Random(0)) for s in shown])
 
 
 def format_table(rows: list[EvalRow]) -> str:

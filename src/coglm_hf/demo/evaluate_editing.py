@@ -100,7 +100,7 @@ def editing_rows(pipeline, num_trials: int = 24, images_per_trial: int = 2, seed
     editor.set_progress_bar_config(disable=True)
     trials = edit_trials(num_trials, seed)
     sources = [render(trial.source, HIRES_SIZE) for trial in trials]  # shared by both rows, the scores and the grid
-    rows, outputs = [], []
+    rows, outputs, prompts = [], [], []
     for name, control in (("edit toward the prompt", False), ("control: prompt names another colour", True)):
         scores, start = [], time.perf_counter()
         generator = torch.Generator(pipeline.device).manual_seed(seed)
@@ -108,7 +108,8 @@ def editing_rows(pipeline, num_trials: int = 24, images_per_trial: int = 2, seed
             new = trial.target.shapes[1]
             prompted = Scene(trial.target.background, (trial.target.shapes[0], Shape(
                 new.kind, trial.control_color if control else new.color, new.x, new.y, new.radius)), "left of")
-            images = editor(caption_en(prompted), image=source, mask_box=EDIT_BOX,
+            prompts.append(caption_en(prompted))
+            images = editor(prompts[-1], image=source, mask_box=EDIT_BOX,
                             num_images_per_prompt=images_per_trial, generator=generator).images
             scores += [_score(image, source, trial, new.color, new.kind) for image in images]
             outputs.append(images)
@@ -117,8 +118,12 @@ def editing_rows(pipeline, num_trials: int = 24, images_per_trial: int = 2, seed
                             (time.perf_counter() - start) / len(scores)))
     if grid_path is not None:  # first 4 trials: source, target, the edits, the control edits
         edits, controls = outputs[: len(trials)], outputs[len(trials):]
+        shown = range(min(4, len(trials)))
+        titles = ["source", "target", *(f"edit {i + 1}" for i in range(images_per_trial)),
+                  *(f"control {i + 1}" for i in range(images_per_trial))]
         save_image_grid(grid_path, [[sources[r], render(trials[r].target, HIRES_SIZE), *edits[r], *controls[r]]
-                                    for r in range(min(4, len(trials)))])
+                                    for r in shown], column_titles=titles,
+                        row_captions=[f"{prompts[r]} (control: {trials[r].control_color})" for r in shown])
     return rows
 
 
