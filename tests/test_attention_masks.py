@@ -53,7 +53,7 @@ def test_text_to_image_layout_is_the_official_mask():
     seq = text_length + 1 + n
     ours = masked_regions_mask(seq, text_to_image_regions(text_length, n))
     i, j = torch.meshgrid(torch.arange(seq), torch.arange(seq), indexing="ij")
-    official = (j <= i) | (j < text_length)  # §3.2: causal plus every row sees all text
+    official = (j <= i) | (j < text_length)  # official text→image: causal plus every row sees all text
     assert torch.equal(ours, official)
     positions = text_to_image_position_ids(text_length, n)
     assert positions.tolist() == [0, 1, 2, 3, 4, 512, 513, 514, 515, 516, 517, 518, 519]
@@ -64,7 +64,7 @@ def test_caption_scoring_layout_is_the_official_mask():
     seq = num_image + 1 + caption
     ours = masked_regions_mask(seq, caption_scoring_regions(num_image, caption))
     i, j = torch.meshgrid(torch.arange(seq), torch.arange(seq), indexing="ij")
-    official = (j < num_image) | ((i >= num_image) & (j <= i))  # §3.6
+    official = (j < num_image) | ((i >= num_image) & (j <= i))  # official caption scoring
     assert torch.equal(ours, official)
     assert caption_scoring_position_ids(num_image, caption).tolist() == [513, 514, 515, 516, 517, 518, 0, 1, 2, 3]
 

@@ -29,6 +29,15 @@ def test_doc_references_resolve_inside_the_repository(doc):
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"
 
 
+def test_code_cites_no_notes_outside_the_repository():
+    """Docstrings and comments state facts instead of pointing at sections of notes that are not shipped."""
+    sources = [path for folder in ("src", "conversion", "benchmarks", "tests") for path in
+               (REPO_ROOT / folder).rglob("*.py") if path.name != "test_docs.py"]
+    found = [f"{path.relative_to(REPO_ROOT)}:{number}" for path in sources
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not found, f"references to notes outside the repository: {found}"
+
+
 def _blocks(doc: str, heading: str) -> list[tuple[str, str]]:
     """(language, code) of the fenced blocks under `heading`, up to the next heading."""
     text = (REPO_ROOT / doc).read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""CogView2InpaintPipeline (text-guided editing, reference §7) on the tiny random pipeline of
+"""CogView2InpaintPipeline (text-guided editing, the official cogview2_completion.py) on the tiny random pipeline of
 test_pipeline_cogview2.py: only masked cells change, the stage-1 ordering and mask follow the official layout,
 masks in every format, bad input."""
 
@@ -68,7 +68,7 @@ def test_edit_changes_only_masked_cells(pipe, image):
 
 
 def test_edit_ordering_and_stage1_layout(pipe, image):
-    """The cached editing run equals one uncached pass over the official §7 sequence: [text, <start_of_image>,
+    """The cached editing run equals one uncached pass over the official completion sequence: [text, <start_of_image>,
     context tokens, generation segment] with true position ids and the official mask."""
     edit = pipe.prepare_edit(image, mask_box=BOX)
     mask = edit.low_res_mask

@@ -1,4 +1,4 @@
-"""Samplers and LoPAR schedule of `coglm_hf.sampling`, checked against the rules of reference §3.4 / §5.4."""
+"""Samplers and LoPAR schedule of `coglm_hf.sampling`, checked against the official sampling rules."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def softmax64(z: np.ndarray) -> np.ndarray:
 
 
 def expected_cluster_distribution(z: np.ndarray, labels: np.ndarray, t: float, k: int, t2: float) -> np.ndarray:
-    """Token distribution of §3.4 for one row of logits, in float64 (independent of the implementation)."""
+    """Token distribution of the official cluster sampler for one row of logits, in float64 (independent of the implementation)."""
     num_clusters = labels.max() + 1
     masses = np.bincount(labels, weights=softmax64(z / t), minlength=num_clusters)
     top = np.argsort(-masses)[:k]
@@ -85,7 +85,7 @@ def official_labels(cogview2_fixture_dir: Path) -> torch.Tensor:
 
 def test_order_matrix_matches_reference_histogram():
     values, counts = torch.tensor(LOPAR_ORDER_MATRIX).unique(return_counts=True)
-    # §5.4: value histogram per 6×6 block.
+    # LoPAR: value histogram per 6×6 block.
     assert dict(zip(values.tolist(), counts.tolist())) == {-2: 4, -1: 6, 0: 3, 1: 4, 2: 4, 3: 5, 4: 4, 5: 4, 6: 2}
     assert lopar_num_passes() == LOPAR_NUM_PASSES == len(LOPAR_TOP_K) == 6
     assert LOPAR_TOP_K == (40, 40, 40, 20, 20, 10)
@@ -160,7 +160,7 @@ def test_lopar_schedule_matches_official_e2e_run(cogview2_fixture_dir: Path):
 
 
 def test_cluster_sampling_statistics(small_labels):
-    """Vectorised draws over many rows (two different logit rows interleaved) follow §3.4 exactly."""
+    """Vectorised draws over many rows (two different logit rows interleaved) follow the official cluster sampler exactly."""
     temperature, k, cluster_temperature, n = 1.3, 3, 0.7, 30000
     rows = torch.tensor(np.random.default_rng(1).normal(0.0, 1.5, size=(2, 24)), dtype=torch.float32)
     logits = rows.repeat(n, 1).view(n, 2, 24)  # [n, 2, V]: row type alternates along dim 1

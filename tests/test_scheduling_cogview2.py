@@ -12,7 +12,7 @@ import torch
 from coglm_hf.sampling import LOPAR_ORDER_MATRIX, cluster_sample, lopar_regeneration_mask, top_k_sample
 from coglm_hf.scheduling_cogview2 import SAMPLER_KNOBS, CogView2Scheduler
 
-OFFICIAL_DEFAULTS = {  # reference §3.1 / §4.4 / §5.4, effective values
+OFFICIAL_DEFAULTS = {  # the official scripts' effective values
     "temperature": 1.15,
     "top_k_clusters": 16,
     "cluster_temperature": 1.0,
@@ -44,7 +44,7 @@ def test_official_cluster_table(scheduler, official_labels):
     assert scheduler.cluster_labels.dtype == torch.long and scheduler.cluster_labels.shape == (20000,)
     assert torch.equal(scheduler.cluster_labels, torch.from_numpy(official_labels))
     sizes = np.bincount(official_labels)
-    assert len(sizes) == 500 and sizes.min() == 9 and sizes.max() == 133  # §3.4
+    assert len(sizes) == 500 and sizes.min() == 9 and sizes.max() == 133  # the official cluster table
 
 
 def test_defaults_are_the_official_effective_values(scheduler):

@@ -140,7 +140,7 @@ def _one_step(stage, cache, tmp_path, batch, accumulation, naive=False):
                          max_grad_norm=0.0, per_device_train_batch_size=batch,
                          gradient_accumulation_steps=accumulation)
     trainer = build_trainer(config)
-    if naive:  # per-micro-batch mean loss (the hf_notes §2 pitfall): must NOT match
+    if naive:  # per-micro-batch mean loss (Trainer's default for models without loss kwargs): must NOT match
         trainer.model_accepts_loss_kwargs = False
     trainer.train()
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}

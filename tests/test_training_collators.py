@@ -1,4 +1,4 @@
-"""Collators of coglm_hf.training: layouts checked by hand against Eq. 1 / §3.8, loss counts, seeding, SR batches."""
+"""Collators of coglm_hf.training: layouts checked by hand against Eq. 1 / the official pretraining formats, loss counts, seeding, SR batches."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_text_to_image_row_by_hand():
     assert row.mask_regions == [(3, 7)]
     # BOI predicts the first image token, ..., the 3rd predicts the 4th; text and BOI are never targets
     assert row.labels == [-100, -100, -100, -100, 5, 6, 7, 8]
-    expected = matrix([  # text bidirectional; BOI + image causal and seeing all text (§3.2)
+    expected = matrix([  # text bidirectional; BOI + image causal and seeing all text
         "11100000",
         "11100000",
         "11100000",
@@ -85,7 +85,7 @@ def test_caption_row_by_hand():
     assert row.labels == [-100, 11, -100, -100, 14, 15, -100, -100, 18, -100, 80, 81]
     expected = matrix([
         # context cells 2, 6 see only each other; patch tokens see the context + earlier patch tokens (raster);
-        # the caption sees the whole image; no image token sees the caption (§3.8)
+        # the caption sees the whole image; no image token sees the caption
         "101000100000",  # 0 patch
         "111000100000",  # 1 patch
         "001000100000",  # 2 context

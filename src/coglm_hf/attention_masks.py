@@ -6,8 +6,8 @@ CogLM's pretraining objective (Eq. 1 of the CogView2 paper) splits a sequence in
 * a region token attends to every context token and, causally, to the region tokens at or before it (in any region);
 * inside a region ``(l, r)`` (inclusive), positions ``l … r-1`` predict the tokens at ``l+1 … r`` (Eq. 2).
 
-Every CogView2 layout of the base model is an instance: text→image generation (§3.2) is one region starting at
-``<start_of_image>``; caption scoring (§3.6) is one region starting at the language tag; plain causal LM is one
+Every CogView2 layout of the base model is an instance: text→image generation is one region starting at
+``<start_of_image>``; caption scoring is one region starting at the language tag; plain causal LM is one
 region covering the whole sequence. This file ships as remote code: it imports only ``torch``.
 """
 
@@ -78,24 +78,24 @@ def batch_masked_regions_mask(
 
 
 def text_to_image_regions(text_length: int, num_image_tokens: int) -> list[Region]:
-    """§3.2 layout ``[text (L), <start_of_image>, image (n)]``: one region from ``<start_of_image>`` to the end."""
+    """Text→image layout ``[text (L), <start_of_image>, image (n)]``: one region from ``<start_of_image>`` to the end."""
     return [(text_length, text_length + num_image_tokens)]
 
 
 def text_to_image_position_ids(text_length: int, num_image_tokens: int, boi_position_id: int = 512) -> torch.Tensor:
-    """Positions of the §3.2 layout: text ``0 … L-1``, ``<start_of_image>`` at 512, image tokens ``513 …``."""
+    """Positions of the text→image layout: text ``0 … L-1``, ``<start_of_image>`` at 512, image tokens ``513 …``."""
     text = torch.arange(text_length)
     image = boi_position_id + torch.arange(num_image_tokens + 1)
     return torch.cat([text, image])
 
 
 def caption_scoring_regions(num_image_tokens: int, caption_length: int) -> list[Region]:
-    """§3.6 layout ``[image (N), language tag, caption (C)]``: the tag and caption form one region."""
+    """Caption-scoring layout ``[image (N), language tag, caption (C)]``: the tag and caption form one region."""
     return [(num_image_tokens, num_image_tokens + caption_length)]
 
 
 def caption_scoring_position_ids(num_image_tokens: int, caption_length: int, boi_position_id: int = 512) -> torch.Tensor:
-    """Positions of the §3.6 layout: image ``513 …``, language tag 0, caption ``1 … C``."""
+    """Positions of the caption-scoring layout: image ``513 …``, language tag 0, caption ``1 … C``."""
     image = boi_position_id + 1 + torch.arange(num_image_tokens)
     return torch.cat([image, torch.arange(caption_length + 1)])
 

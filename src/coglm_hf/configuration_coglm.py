@@ -41,7 +41,7 @@ class CogLMConfig(PreTrainedConfig):
             a full grid; ``generate`` stops at ``max_new_tokens`` unless you pass an ``eos_token_id``).
         boi_position_id: position of ``<start_of_image>``; the image grid follows it.
         image_grid_size: side of the stage-1 token grid (20).
-        text_attention_bias: constant ``c`` added to attention scores on text keys (§3.2; 1.4).
+        text_attention_bias: constant ``c`` added to attention scores on text keys (1.4 in the official inference code).
         max_text_length: longest prompt (tokens, without ``<start_of_image>``) stage 1 accepts.
         hires_grid_size: side of the super-resolution grid (60); 0 for the base model.
         hires_position_offset: position id of the first hi-res cell (1024).

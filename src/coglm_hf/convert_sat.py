@@ -1,7 +1,7 @@
 """Convert official CogView2 SwissArmyTransformer (SAT) model folders to coglm_hf checkpoints.
 
 A SAT folder holds ``latest`` (the iteration to load, or ``release``), ``model_config.json`` and
-``<iteration>/mp_rank_00_model_states.pt`` whose ``module`` entry is the state dict (§2 of the reference). The kind
+``<iteration>/mp_rank_00_model_states.pt`` whose ``module`` entry is the state dict (SwissArmyTransformer's checkpoint layout). The kind
 of model (``coglm``, ``cogview2-dsr``, ``cogview2-itersr``) is detected from the keys. Every key is mapped explicitly;
 an unknown or missing key is an error, never a silent drop.
 """

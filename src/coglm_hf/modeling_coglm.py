@@ -165,7 +165,7 @@ class CogLMMLP(nn.Module):
 
 
 class CogLMLayer(GradientCheckpointingLayer):
-    """Sandwich-LayerNorm layer (§1.2): ``x + LN3(Attn(LN_in x))``, then ``h + LN4(MLP(LN_post h))``.
+    """Sandwich-LayerNorm layer: ``x + LN3(Attn(LN_in x))``, then ``h + LN4(MLP(LN_post h))``.
 
     ``attention_class`` selects the attention pattern (full attention for stage 1, local attention for SR) so the
     layer itself has no stage-specific branches.
@@ -352,7 +352,7 @@ def text_key_record_layer(cache: Cache) -> CogLMDynamicCacheLayer | CogLMStaticC
 def broadcast_prompt_cache(cache: Cache, batch_size: int) -> Cache:
     """Repeat a batch-1 prompt cache to ``batch_size`` rows in place (DynamicCache and StaticCache).
 
-    Stage 1 encodes the prompt once and shares it across every image of the batch (§3.3). Call it before a compiled
+    Stage 1 encodes the prompt once and shares it across every image of the batch. Call it before a compiled
     decoding loop (inside one, the model would broadcast on its first step and recompile).
     """
     for layer in cache.layers:
@@ -942,7 +942,7 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
         caption_ids: torch.LongTensor | Sequence[Sequence[int]],
         language_token_id: int | None = None,
     ) -> torch.FloatTensor:
-        """Post-selection score of §3.6: the mean log-likelihood of each caption given its image.
+        """Post-selection score: the mean log-likelihood of each caption given its image.
 
         Sequence ``[image (N), <start_of_chinese>, caption]``, image bidirectional, caption causal and seeing the
         image, positions image 513…, tag 0, caption 1…; no text bias; full-vocabulary log-softmax in fp32.

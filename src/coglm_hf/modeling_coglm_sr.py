@@ -1,4 +1,4 @@
-"""The two super-resolution stages of CogView2 on the CogLM backbone (reference §4 and §5).
+"""The two super-resolution stages of CogView2 on the CogLM backbone.
 
 * :class:`CogLMForDirectSuperResolution` (official ``cogview2-dsr``): one forward pass turns the 20×20 stage-1
   tokens into logits for all 60×60 cells. The sequence is ``[text slots | low-res grid | hi-res grid]``; the first
@@ -148,7 +148,7 @@ def _check_image_ids(name: str, tokens: torch.Tensor, num_image_tokens: int, mas
 
 
 def direct_sr_level0_visibility(text_mask: torch.Tensor, num_image: int) -> torch.BoolTensor:
-    """Level-0 visibility of direct SR (§4.2), ``[batch, S + n, S + n]`` bool (True = may attend).
+    """Level-0 visibility of direct SR, ``[batch, S + n, S + n]`` bool (True = may attend).
 
     Text slots see only text slots; real rows (real text and the ``n`` low-res tokens) never see pad slots; pad rows
     see every text slot. Everything else is bidirectional.
@@ -175,7 +175,7 @@ def _merge_heads(states: torch.Tensor) -> torch.Tensor:
 
 
 class CogLMDirectSRAttention(CogLMAttention):
-    """Two-level attention of direct SR (§4.3).
+    """Two-level attention of direct SR.
 
     Level 0 (text slots + low-res grid): ordinary attention with the base ``query_key_value``/``dense`` under the
     level-0 mask, through Transformers' attention interface. Level 1 (hi-res grid): ``hires_query_key_value``/
@@ -222,7 +222,7 @@ class CogLMDirectSRAttention(CogLMAttention):
 
 
 class CogLMIterativeSRAttention(CogLMAttention):
-    """Attention of iterative SR (§5.3), one ``query_key_value``/``dense`` for all positions.
+    """Attention of iterative SR, one ``query_key_value``/``dense`` for all positions.
 
     Text queries attend to the text slots (pads masked) through Transformers' attention interface; each image query
     one softmax over all text slots (global keys, pads masked) and its ``local_window`` of image keys
@@ -310,7 +310,7 @@ class CogLMSuperResolutionPreTrainedModel(CogLMWithTiedHead):
 
 
 class CogLMForDirectSuperResolution(CogLMSuperResolutionPreTrainedModel):
-    """Direct super-resolution (§4): ``image_grid_size``² low-res tokens → logits for all ``hires_grid_size``² cells
+    """Direct super-resolution: ``image_grid_size``² low-res tokens → logits for all ``hires_grid_size``² cells
     in one pass (official ``cogview2-dsr``).
 
     Example::
@@ -333,7 +333,7 @@ class CogLMForDirectSuperResolution(CogLMSuperResolutionPreTrainedModel):
         attention_mask: torch.Tensor | None,
         low_res_tokens: torch.Tensor,
     ) -> SuperResolutionLayout:
-        """Build the official sequence ``[pads, text | low-res | <start_of_image> × G²]`` (§4.2).
+        """Build the official sequence ``[pads, text | low-res | <start_of_image> × G²]``.
 
         Positions: pads 0, text ``0 … t-1``, low-res ``boi_position_id + 1 …``, hi-res ``hires_position_offset + j``.
         """
@@ -400,7 +400,7 @@ class CogLMForDirectSuperResolution(CogLMSuperResolutionPreTrainedModel):
 
 
 class CogLMForIterativeSuperResolution(CogLMSuperResolutionPreTrainedModel):
-    """Iterative super-resolution, one LoPAR pass (§5): regenerate the cells that hold the mask token
+    """Iterative super-resolution, one LoPAR pass: regenerate the cells that hold the mask token
     (``<start_of_image>``, ``config.boi_token_id``) given the others, the text and the 9×5 neighbourhood
     (official ``cogview2-itersr``). The pass schedule lives in :mod:`coglm_hf.sampling`.
 
@@ -430,7 +430,7 @@ class CogLMForIterativeSuperResolution(CogLMSuperResolutionPreTrainedModel):
         attention_mask: torch.Tensor | None,
         image_tokens: torch.Tensor,
     ) -> SuperResolutionLayout:
-        """Build the official sequence ``[pads, text | G² image cells]`` (§5.2); positions pads 0, text
+        """Build the official sequence ``[pads, text | G² image cells]``; positions pads 0, text
         ``0 … t-1``, image ``hires_position_offset + j``."""
         config = self.config
         slot_ids, text_mask = pack_text_slots(

@@ -2,7 +2,7 @@
 
 One encoder (÷4), a chain of residual down-samplers (÷2 each), one codebook and one decoder per compression
 rate. Rate r uses level l = log2(r) - 2: the encoder output passes through the first l down-samplers, is
-quantized, and decodes with `decs[levels - 1 - l]` (rate 4 -> decs.2, 8 -> decs.1, 16 -> decs.0; reference §8.3).
+quantized, and decodes with `decs[levels - 1 - l]` (rate 4 -> decs.2, 8 -> decs.1, 16 -> decs.0, as icetk).
 Module and parameter names follow icetk, so `ice_image.pt` converts key for key.
 
 Ships with converted checkpoints (remote code): imports only torch and diffusers. `compute_cluster_labels`

@@ -1,4 +1,4 @@
-"""CogView2Pipeline: text → 480×480 image in three token stages and one decoder (reference §3–§5).
+"""CogView2Pipeline: text → 480×480 image in three token stages and one decoder.
 
 ```
 prompt ──tokenizer──► ids ──► stage 1   base_model      400 tokens (20×20), cached autoregression, cluster sampling
@@ -60,7 +60,7 @@ class CogView2PipelineOutput(BaseOutput):
             (`"pt"`), or the final token grids as a `LongTensor` `[B, h, w]` (`"tokens"`), `B = prompts ×
             num_images_per_prompt`, grouped by prompt.
         scores: with post-selection (`num_candidates`), the caption score (mean log-likelihood of the prompt text
-            given the image, §3.6) of every returned image, `[B]` float32, best first within each prompt; else `None`.
+            given the image) of every returned image, `[B]` float32, best first within each prompt; else `None`.
     """
 
     images: Any
@@ -373,7 +373,7 @@ class CogView2StagesMixin:
         """Encode `[text, <start_of_image>, context image tokens]` once (batch 1) and return the cache and the fp32
         image logits `[1, V_img]` of its last position.
 
-        Visibility (§3.2 / §7): text rows see all text; `<start_of_image>` sees the text and itself; context rows see
+        Visibility: text rows see all text; `<start_of_image>` sees the text and itself; context rows see
         the text, `<start_of_image>` and every context token (bidirectional). Positions: text `0 … L-1`,
         `<start_of_image>` at `boi_position_id`, a context token of grid cell `j` at `boi_position_id + 1 + j`.
         The text up-weighting (+c on text keys) is applied by the model.
@@ -424,7 +424,7 @@ class CogView2StagesMixin:
             cache: the batch-1 prompt cache of `prefill` (broadcast to the batch by the model; updated in place).
             logits: `[1, V_img]` logits of the last prefilled position.
             grid: `[b, g²]` image ids, -1 at the cells to sample; other cells of `cells` are teacher-forced
-                (their ids are fed without sampling, §3.3 step 5).
+                (their ids are fed without sampling, as the official cached loop).
             cells: `[n]` grid cells of the generated segment, in generation order; cell `j` has position
                 `boi_position_id + 1 + j`.
             settings: sampler knobs of `CogView2Scheduler.sampler_settings`.
@@ -517,7 +517,7 @@ class CogView2StagesMixin:
         keep: int,
         batch_size: int,
     ) -> tuple[torch.LongTensor, torch.FloatTensor, torch.LongTensor]:
-        """Post-selection (§3.6, fixed): score every candidate with its caption and keep the `keep` best per prompt.
+        """Post-selection (the official ordering bug fixed): score every candidate with its caption and keep the `keep` best per prompt.
 
         Args:
             candidates: `[P · C, g, g]` stage-1 grids, `C` per prompt, grouped by prompt.
@@ -563,7 +563,7 @@ class CogView2StagesMixin:
         callback=None,
         tensor_inputs: Sequence[str] = (),
     ) -> torch.LongTensor:
-        """Stage 2 (§4): `[B, g, g]` → `[B, G, G]`, one forward pass and one cluster-sampling draw per chunk.
+        """Stage 2: `[B, g, g]` → `[B, G, G]`, one forward pass and one cluster-sampling draw per chunk.
 
         `texts`: the prompt ids (without `<start_of_image>`) of every sample."""
         side = self.high_res_grid
@@ -600,7 +600,7 @@ class CogView2StagesMixin:
         callback=None,
         tensor_inputs: Sequence[str] = (),
     ) -> torch.LongTensor:
-        """Stage 3 (§5): the LoPAR passes over `[B, G, G]` grids, chunk by chunk.
+        """Stage 3: the LoPAR passes over `[B, G, G]` grids, chunk by chunk.
 
         The model sees the first `sr_text_slots` (16) prompt ids, as in the official pipeline. `input_mask`
         (`[B, G, G]` bool) restricts the cells that may change (editing); the others keep their ids exactly.
@@ -643,7 +643,7 @@ class CogView2StagesMixin:
 
     def decode(self, tokens: torch.LongTensor, output_type: str, batch_size: int, upscale: int = 1):
         """Token grids `[B, h, w]` → images (`output_type` "pil", "np" or "pt"), decoded `batch_size` at a time;
-        `upscale` > 1 enlarges them by nearest-neighbour (first-stage-only output, §3.7)."""
+        `upscale` > 1 enlarges them by nearest-neighbour (first-stage-only output, as the official script)."""
         images = []
         for chunk in tokens.split(batch_size):
             decoded = self.image_tokenizer.decode(chunk.to(self._device_of(self.image_tokenizer))).float()
@@ -890,12 +890,12 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
         r"""Generate images from text.
 
         Args:
-            prompt: text prompt(s); wrapped in the template of `style` (§3.1) by the tokenizer.
+            prompt: text prompt(s); wrapped in the template of `style` by the tokenizer.
             prompt_ids: instead of `prompt`: one list of token ids per prompt, used as given (no template; a
                 trailing `<start_of_image>` is optional). They are also the caption scored by post-selection.
             num_images_per_prompt: images returned per prompt.
             num_candidates: post-selection: generate this many stage-1 candidates per prompt, score each with the
-                caption likelihood of the raw prompt text (§3.6) and keep the `num_images_per_prompt` best ones
+                caption likelihood of the raw prompt text and keep the `num_images_per_prompt` best ones
                 for super-resolution (`None` = no post-selection).
             style: one of `scheduler.styles` ("mainbody" default, "none", "photo", "flat", "comics", "oil",
                 "sketch", "isometric", "chinese", "watercolor"): prompt template and its sampler overrides.

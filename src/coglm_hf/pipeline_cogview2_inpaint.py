@@ -1,4 +1,4 @@
-"""CogView2InpaintPipeline: text-guided editing of a region of an image (reference §7, `cogview2_completion.py`).
+"""CogView2InpaintPipeline: text-guided editing of a region of an image (the official `cogview2_completion.py`).
 
 ```
 image, mask ──► 480×480 image + mask ──► crop around the mask (mask ≈ 14/20 of the crop)
@@ -61,7 +61,7 @@ class EditInputs:
 
 
 def edit_order(low_res_mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """The official completion ordering of the grid cells (§7 step 4).
+    """The official completion ordering of the grid cells.
 
     Scanning in raster order, masked cells go to the generation segment; an unmasked cell whose right neighbour in
     the same row is masked also goes there (it keeps its real token, so that every masked run starts right after
@@ -125,7 +125,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
         return self.high_res_grid * self.image_tokenizer.config.compress_rate
 
     def select_crop(self, mask: torch.BoolTensor) -> tuple[int, int, int]:
-        """Square crop `(top, left, side)` around the mask's bounding box (§7 step 2).
+        """Square crop `(top, left, side)` around the mask's bounding box (as the official script).
 
         `side = max(⌊h · 20/14⌋, ⌊w · 20/14⌋)` for a box of `h × w` pixels, centred on the box and shifted to stay
         inside the image; the whole image when `side` reaches its size.
@@ -158,7 +158,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
         mask_image: PIL.Image.Image | np.ndarray | torch.Tensor | None = None,
         mask_box: Sequence[float] | None = None,
     ) -> EditInputs:
-        """Validate the image and the mask, choose the crop and tokenize it (§7 steps 1–3).
+        """Validate the image and the mask, choose the crop and tokenize it (the official script's first steps).
 
         Args:
             image: one RGB image (PIL, `[H, W, 3]` uint8/float array or `[3, H, W]` tensor in [0, 1]); its shorter

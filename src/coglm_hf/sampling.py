@@ -1,8 +1,8 @@
 """Samplers of CogView2 and the LoPAR schedule of iterative super-resolution.
 
-* `cluster_sample` — the cluster sampler of stage 1 and direct super-resolution (reference §3.4 / §4.4), vectorised
+* `cluster_sample` — the cluster sampler of stage 1 and direct super-resolution, vectorised
   over any number of positions; `ClusterSamplingLogitsProcessor` wraps it for `transformers` generation.
-* `top_k_sample` — the per-position top-k sampler of the LoPAR passes (§5.4).
+* `top_k_sample` — the per-position top-k sampler of the LoPAR passes.
 * `lopar_order` / `lopar_regeneration_mask` — which cells each LoPAR pass regenerates.
 
 Every sampler upcasts logits to fp32, takes its randomness only from an optional `torch.Generator` (which must live
@@ -127,7 +127,7 @@ def _select_clusters(
     top_k_clusters: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Steps 2–4 of §3.4 on tempered logits [R, V]: cluster masses, top-k clusters, draw one; returns [R] ids."""
+    """The official cluster sampler after tempering, on logits [R, V]: cluster masses, top-k clusters, draw one; returns [R] ids."""
     probs = torch.softmax(tempered, dim=-1)
     masses = probs.new_zeros(probs.shape[0], num_clusters).index_add_(1, labels, probs)
     k = min(top_k_clusters, num_clusters)
@@ -149,7 +149,7 @@ def cluster_sample(
     generator: torch.Generator | None = None,
     members: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.LongTensor:
-    r"""Cluster sampling of CogView2 stage 1 and direct super-resolution (reference §3.4), for every position at once.
+    r"""Cluster sampling of CogView2 stage 1 and direct super-resolution, for every position at once.
 
     For each row z of `logits` (fp32): z ← z / `temperature`; p = softmax(z); cluster masses P_c = Σ_{label(i)=c} p_i;
     keep the `top_k_clusters` clusters of largest mass and draw one, c*, with probability ∝ P_c; draw the token
@@ -206,7 +206,7 @@ def top_k_sample(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.LongTensor:
-    r"""Top-k sampling of the LoPAR passes (reference §5.4), for every position at once.
+    r"""Top-k sampling of the LoPAR passes, for every position at once.
 
     z = logits / `temperature` (fp32); every z below the k-th largest becomes -inf (ties with the k-th value are
     kept, as in the official code); the token is drawn from softmax(z). `top_k=1` or `temperature=0` is the exact
@@ -257,7 +257,7 @@ class ClusterSamplingLogitsProcessor(LogitsProcessor):
     Each call draws a cluster per row (temperature, top-k clusters, `generator`) and returns fp32 scores that are
     `logits / (temperature · cluster_temperature)` on the tokens of that cluster and -inf elsewhere (also on every
     id >= len(cluster_labels), i.e. text and special ids). Multinomial sampling of these scores (`do_sample=True`)
-    is then the within-cluster draw of §3.4, and greedy decoding takes the argmax inside the cluster. With
+    is then the official within-cluster draw, and greedy decoding takes the argmax inside the cluster. With
     `cluster_temperature=0` only the argmax token of the cluster stays finite, so both decoding modes return it.
 
     Use it with `do_sample=True, top_k=0` (or `do_sample=False`): generation's own default warpers (e.g. top-k 50)

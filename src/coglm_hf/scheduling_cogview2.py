@@ -1,9 +1,9 @@
 """CogView2Scheduler: the sampling rules of the three CogView2 stages in one diffusers component.
 
-Stage 1 and direct super-resolution use cluster sampling over the VQ codebook's clusters (reference §3.4, §4.4),
-iterative super-resolution uses the LoPAR schedule with per-pass top-k sampling (§5.4). The scheduler holds the
-cluster labels (saved as a list in ``scheduler_config.json``), the official sampler defaults, the style recipes of
-§3.1 and the LoPAR order matrix; the pipeline asks it for tokens.
+Stage 1 and direct super-resolution use cluster sampling over the VQ codebook's clusters,
+iterative super-resolution uses the LoPAR schedule with per-pass top-k sampling. The scheduler holds the
+cluster labels (saved as a list in ``scheduler_config.json``), the official sampler defaults, the official style
+recipes and the LoPAR order matrix; the pipeline asks it for tokens.
 
 Ships with converted pipelines (remote code): imports only ``torch``, ``diffusers`` and ``.sampling``.
 """
@@ -30,9 +30,9 @@ from .sampling import (
     top_k_sample,
 )
 
-# Sampler overrides of the official style recipes (§3.1). Styles missing a knob use the scheduler's value. The
+# Sampler overrides of the official style recipes. Styles missing a knob use the scheduler's value. The
 # recipes of "flat" and "comics" also set temp_all_itersr=1 and topk_itersr=5, which the official code never reads
-# (dead knobs, §9.2.4); they are deliberately not applied, see `CogView2Scheduler.sampler_settings`.
+# (dead knobs); they are deliberately not applied, see `CogView2Scheduler.sampler_settings`.
 STYLE_SAMPLER_OVERRIDES: dict[str, dict[str, float | int]] = {
     "none": {},
     "mainbody": {},

@@ -35,7 +35,7 @@ BOI_TOKEN = "<start_of_image>"
 START_OF_ENGLISH_TOKEN = "<start_of_english>"
 START_OF_CHINESE_TOKEN = "<start_of_chinese>"
 
-# §3.1 of the CogView2 reference: `--style` of the official text2image script -> prompt template.
+# `--style` of the official text2image script -> prompt template.
 STYLE_TEMPLATES: dict[str, str] = {
     "none": "{}<start_of_image>",
     "mainbody": "{} 高清摄影 隔绝<start_of_image>",
@@ -443,7 +443,7 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
                       f"{', '.join(unknown)}; {known}", UnknownWordsWarning, stacklevel=3)
 
     def encode_prompt(self, text: str, style: str = "mainbody") -> list[int]:
-        """Token ids of a text-to-image prompt in CogView2's template for `style` (§3.1).
+        """Token ids of a text-to-image prompt in CogView2's template for `style`.
 
         The result ends with `boi_token_id` (`<start_of_image>`, one token). No language tag is inserted, as in the
         official script.

@@ -12,7 +12,7 @@ Reference rows:
   image tokenizer at both resolutions (the ceiling the token models can reach).
 * `direct (+ iterative) SR of ground-truth 80 px tokens`: the super-resolution stages alone, on perfect input.
 
-Configurations (the paper's claims, §3 and §4 of the reference):
+Configurations (the paper's claims about stage 1 and super-resolution):
 * stage 1 with cluster sampling and text up-weighting (the default), without cluster sampling (plain sampling
   from the full distribution: every cluster, temperature 1), without text up-weighting (`c = 0`), and with
   post-selection (best of `num_candidates` by caption likelihood);

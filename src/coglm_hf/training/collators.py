@@ -10,7 +10,7 @@ A *sample* (what :mod:`coglm_hf.training.data` yields) is a dict with
   sample's random choices come from a generator seeded by ``(seed, epoch, index)`` — identical across dataloader
   workers, ranks and resumed runs; without them the collator's own seeded generator is used.
 
-Base stage (§3.8 of the reference, Eq. 1/2 of the paper). Every row is an Eq. 1 instance: *context* tokens attend
+Base stage (the official pretraining formats, Eq. 1/2 of the paper). Every row is an Eq. 1 instance: *context* tokens attend
 bidirectionally among the context, *region* tokens attend to all context and causally to every region token at or
 before them; inside a region ``(l, r)`` positions ``l … r-1`` predict ``l+1 … r``. Two row types, mixed by
 ``caption_ratio`` (0.5 as in the paper; the released pretraining code used 0.3):
@@ -44,7 +44,7 @@ from ..configuration_coglm import CogLMConfig
 IGNORE_INDEX = -100
 # Sentencepiece ids of icetk's text model: English pieces end where the Chinese pieces begin (id 83823 − 20000).
 ICETK_CHINESE_PIECE_START = 63823
-# Mask ratios of the iterative super-resolution objective (CogView2 paper, §4.2).
+# Mask ratios of the iterative super-resolution objective (CogView2 paper).
 ITERATIVE_SR_MASK_RATIOS = (0.2, 0.4, 0.6, 0.8, 0.9)
 
 _MIX_A, _MIX_B, _SEED_MOD = 1_000_003, 998_244_353, 2**63 - 1
@@ -100,7 +100,7 @@ def _as_text(ids, config: CogLMConfig, name: str = "text_ids") -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ base-stage rows
 def text_to_image_row(text_ids: Sequence[int], image_tokens: torch.Tensor, config: CogLMConfig) -> CogLMRow:
-    """§3.2 / §3.8 text→image row ``[text (L), <start_of_image>, image (N)]`` with one region ``(L, L+N)``."""
+    """Text→image row (the official inference and pretraining layout) ``[text (L), <start_of_image>, image (N)]`` with one region ``(L, L+N)``."""
     text = list(text_ids)[: config.max_text_length]
     image = image_tokens.reshape(-1).tolist()
     length = len(text)
@@ -134,7 +134,7 @@ def caption_row(
     config: CogLMConfig,
     end_token_id: int | None = None,
 ) -> CogLMRow:
-    """Mask prediction + captioning row ``[image (N), tag, caption (C)]`` (§3.8 as one Eq. 1 instance).
+    """Mask prediction + captioning row ``[image (N), tag, caption (C)]`` (the official pretraining format as one Eq. 1 instance).
 
     Regions: the per-row runs of ``patch_mask`` (see :func:`patch_regions`), then ``(N, N+C)`` for tag + caption.
     Positions: image ``boi_position_id + 1 …``, tag 0, caption ``1 … C``. ``end_token_id`` (optional) is appended
@@ -174,7 +174,7 @@ def sample_patch_mask(
 
 
 def language_token_id(text_ids: Sequence[int], config: CogLMConfig, chinese_piece_start: int) -> int:
-    """``<start_of_english>`` if every id is below ``text_token_offset + chinese_piece_start``, else Chinese (§3.8)."""
+    """``<start_of_english>`` if every id is below ``text_token_offset + chinese_piece_start``, else Chinese."""
     limit = config.text_token_offset + chinese_piece_start
     return config.start_of_english_token_id if all(i < limit for i in text_ids) else config.start_of_chinese_token_id
 
@@ -228,7 +228,7 @@ class _SeededCollator:
 
 
 class CogLMPretrainingCollator(_SeededCollator):
-    """Base-stage batches: text→image rows and mask-prediction + captioning rows (§3.8), mixed by ``caption_ratio``.
+    """Base-stage batches: text→image rows and mask-prediction + captioning rows, mixed by ``caption_ratio``.
 
     Args:
         config: the model's :class:`CogLMConfig` (ids, grid, position layout).
@@ -237,7 +237,7 @@ class CogLMPretrainingCollator(_SeededCollator):
         patch_size: side of the patches (4).
         chinese_piece_start: first sentencepiece id counted as Chinese for the language tag (icetk: 63823).
         text_attention_bias: ``c`` passed to the model. The +1.4 text up-weighting is an inference-time device
-            (§3.2) and §3.8 lists no bias for pretraining, so training uses 0; ``None`` keeps the config's value.
+            and the official pretraining formats have no bias, so training uses 0; ``None`` keeps the config's value.
         caption_end_token_id: a text id appended to every caption of a captioning row (and predicted), e.g. the
             tokenizer's ``<eos>`` piece, so that captioning learns to stop; ``None`` (default) is the official
             layout, where captions have no end.

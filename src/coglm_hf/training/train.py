@@ -19,9 +19,9 @@ A config (YAML or JSON) has these sections; every field can be overridden on the
     collator:  keyword arguments of the stage's collator (seed defaults to training.seed)
     training:  TrainingArguments fields
 
-Stage defaults (the paper's choices): the base stage trains everything on the §3.8 mixture; direct SR trains only
+Stage defaults (the paper's choices): the base stage trains everything on the pretraining mixture; direct SR trains only
 the hi-res attention (``hires_query_key_value``, ``hires_dense``) and the hi-res position table, the backbone
-frozen (§4.5); iterative SR finetunes everything on the masked-cell objective.
+frozen; iterative SR finetunes everything on the masked-cell objective.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def init_from_base(model: PreTrainedModel, base_path: str | os.PathLike) -> None
     Copies every backbone weight of matching name and shape, the base attention into the hi-res attention of direct
     SR (``hires_query_key_value``/``hires_dense``), and fills the hi-res position table by tiling the stage-1 image
     rows periodically: cell ``(R, C)`` gets base row ``boi_position_id + 1 + (R mod g)·g + (C mod g)`` (the released
-    code tiled from row ``boi_position_id``, one row early, §1.3 of the reference; here the image rows are used).
+    code tiled from row ``boi_position_id``, one row early: image positions start at ``boi_position_id + 1``; here the image rows are used).
     """
     base = CogLMForMaskedRegions.from_pretrained(base_path, dtype=torch.float32)
     config, base_config = model.config, base.config
@@ -440,7 +440,7 @@ def build_trainer(config: dict) -> Trainer:
         callbacks=callbacks,
     )
     # The models normalise the summed loss by `num_items_in_batch`; without it gradient accumulation and
-    # multi-process training would average per micro-batch (hf_notes §2 pitfall).
+    # multi-process training would average per micro-batch (Trainer's default for models without loss kwargs).
     if not trainer.model_accepts_loss_kwargs:
         raise RuntimeError(f"{type(model).__name__} does not accept num_items_in_batch; the loss would be mis-scaled")
     return trainer
