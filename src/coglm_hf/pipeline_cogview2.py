@@ -257,8 +257,8 @@ class CogView2StagesMixin:
         return logits.to(generator.device)
 
     def _warn_if_half_on_cpu(self, device: torch.device) -> None:
-        """float16 has no fast CPU kernels: stage 1 ran about 3× slower than in float32 when measured. Warned once
-        per process (Python's default warning filter), not an error: the results are valid."""
+        """float16 has few fast CPU kernels, so a float16 pipeline is several times slower than float32 there.
+        Warned once per process (Python's default warning filter), not an error: the results are valid."""
         if device.type == "cpu" and self.base_model is not None and self.base_model.dtype == torch.float16:
             warnings.warn("this pipeline runs in float16 on the CPU, which is several times slower than float32 "
                           "there; use pipe.to(torch.float32) (or load with dtype=torch.float32) on CPUs and keep "
