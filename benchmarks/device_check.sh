@@ -99,18 +99,15 @@ else
   CUDA_BUILD_PID=$!
 fi
 
-# --- full-width models (random init) -------------------------------------------------------------------------------
+# Order = priority: a step that would overrun the budget is skipped (and says so), so the last ones may not run.
+# --- 6B stage 1 (overlaps the CUDA build) ------------------------------------------------------------------------
 BENCH="$OUT_DIR/bench_device.md"
 if ((DRY)); then
   step "bench_device (tiny models, CPU)" 120 "$BENCH" "$PYTHON" "$ROOT/benchmarks/bench_device.py" --dry-run \
     --part stage1 pipeline offload
 else
-  step "6B stage 1: 400 tokens x batch 8, dynamic vs static+compile" 200 "$BENCH" \
+  step "6B stage 1: 400 tokens x batch 8, dynamic vs static+compile" 120 "$BENCH" \
     "$PYTHON" "$ROOT/benchmarks/bench_device.py" --part stage1
-  step "full-width pipeline: one image (DSR and LoPAR passes)" 90 "$BENCH" \
-    "$PYTHON" "$ROOT/benchmarks/bench_device.py" --part pipeline
-  step "full-width pipeline with model offload: peak memory" 90 "$BENCH" \
-    "$PYTHON" "$ROOT/benchmarks/bench_device.py" --part offload
 fi
 
 # --- CUDA kernel build result ----------------------------------------------------------------------------------------
@@ -129,22 +126,26 @@ if ((DRY)); then
   step "collect the GPU-marked tests" 120 "$TESTS" "$PYTHON" -m pytest -q --co -m gpu -p no:cacheprovider "$ROOT/tests"
   skip "run the GPU-marked tests" "dry run (no GPU)"
 else
-  step "GPU-marked tests" 150 "$TESTS" "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider "$ROOT/tests"
-  step "kernel + Triton test files on CUDA" 120 "$TESTS" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+  step "GPU-marked tests" 90 "$TESTS" "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider "$ROOT/tests"
+  step "kernel + Triton test files on CUDA" 70 "$TESTS" "$PYTHON" -m pytest -q -rs -m "not gpu" -p no:cacheprovider \
     "$ROOT/tests/test_local_attention_kernel.py" "$ROOT/tests/test_local_attention_triton.py"
 fi
 
-# --- local-attention benchmark at the real DSR shape -----------------------------------------------------------------
+# --- local-attention benchmark at the real DSR shape, then the full-width pipeline -----------------------------------
 LA="$OUT_DIR/bench_local_attention.md"
+kernel_args=()
+[[ -n "${COGLM_LOCAL_ATTENTION_KERNEL_PATH:-}" ]] && kernel_args=(--kernel-path "$COGLM_LOCAL_ATTENTION_KERNEL_PATH")
+LA_BENCH=("$PYTHON" "$ROOT/benchmarks/bench_local_attention.py" --device cuda --dtype bfloat16 --heads 48 --batch 4
+  "${kernel_args[@]}" --triton-path "$TRITON_DIR")
 if ((DRY)); then
   skip "local-attention benchmark" "dry run (the CPU figures come from the same script, see docs/benchmarks.md)"
 else
-  kernel_args=()
-  [[ -n "${COGLM_LOCAL_ATTENTION_KERNEL_PATH:-}" ]] && kernel_args=(--kernel-path "$COGLM_LOCAL_ATTENTION_KERNEL_PATH")
-  step "local attention forward (bf16, 48 heads, batch 4)" 90 "$LA" "$PYTHON" "$ROOT/benchmarks/bench_local_attention.py" \
-    --device cuda --dtype bfloat16 --heads 48 --batch 4 "${kernel_args[@]}" --triton-path "$TRITON_DIR"
-  step "local attention forward+backward" 90 "$LA" "$PYTHON" "$ROOT/benchmarks/bench_local_attention.py" \
-    --device cuda --dtype bfloat16 --heads 48 --batch 4 --backward "${kernel_args[@]}" --triton-path "$TRITON_DIR"
+  step "local attention forward (bf16, 48 heads, batch 4)" 70 "$LA" "${LA_BENCH[@]}"
+  step "full-width pipeline: one image (DSR and LoPAR passes)" 60 "$BENCH" \
+    "$PYTHON" "$ROOT/benchmarks/bench_device.py" --part pipeline
+  step "full-width pipeline with model offload: peak memory" 60 "$BENCH" \
+    "$PYTHON" "$ROOT/benchmarks/bench_device.py" --part offload
+  step "local attention forward+backward" 70 "$LA" "${LA_BENCH[@]}" --backward
 fi
 
 note "- total: $(($(date +%s) - START)) s"

@@ -179,6 +179,7 @@ def test_hub_kernel_needs_explicit_trust(kernel, monkeypatch, caplog):
     monkeypatch.setattr(kernels, "get_kernel", fake)
     monkeypatch.delenv(la.KERNEL_TRUST_ENV, raising=False)
     monkeypatch.setitem(la._state, "triton", None)
+    monkeypatch.setitem(la._state, "kernel", None)  # restored afterwards: the compiled-kernel loader is used below
     with pytest.raises(RuntimeError, match=f"pass trust_remote_code=True or set {la.KERNEL_TRUST_ENV}=1"):
         la.load_local_attention_triton_kernel(repo_id=REPO_ID)
     assert fake.calls == [False]
