@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,10 +392,60 @@ def _set_threads(args: argparse.Namespace, facts: ModelFacts) -> None:
         torch.set_num_threads(1)
 
 
+def _device(name: str | None):
+    """`--device` → a usable torch.device, or a ValueError saying what exists on this machine."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: only cpu, cuda[:N] and mps are supported")
+    return device
+
+
+def _check_writable(folder: str) -> None:
+    """Fail before any generation when `--output-dir` cannot be created or written."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--output-dir {path} is a file; pass a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise PermissionError(f"--output-dir {path} is not writable ({error.strerror or error}); choose another "
+                              "folder") from None
+
+
+def _open_image(path: str, flag: str):
+    import PIL.Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path} not found")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{flag} {path} is not an image file PIL can read ({error}); pass a PNG or JPEG") from None
+
+
 def _load(pipeline_cls, args: argparse.Namespace):
     import torch
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     if args.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
@@ -460,6 +511,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     prompts = list(args.prompts) + list(args.prompt)
     if not prompts:
         raise ValueError('give at least one prompt, e.g. coglm-hf generate "a yellow circle on a black background"')
+    _check_writable(args.output_dir)
     pipe, generator = _load(CogView2Pipeline, args)
     output = pipe(
         prompt=prompts, num_images_per_prompt=args.num_images, num_candidates=args.num_candidates,
@@ -472,24 +524,19 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
-    import PIL.Image
-
     from .pipeline_cogview2_inpaint import CogView2InpaintPipeline
 
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image} not found")
-    image = PIL.Image.open(args.image).convert("RGB")
+    image = _open_image(args.image, "--image").convert("RGB")
     mask = box = None
     if args.mask is not None:
-        if not Path(args.mask).is_file():
-            raise FileNotFoundError(f"--mask {args.mask} not found")
-        mask = PIL.Image.open(args.mask)
+        mask = _open_image(args.mask, "--mask")
     else:
         try:
             box = [float(v) for v in args.box.split(",")]
         except ValueError:
             raise ValueError(f"--box must be four comma-separated fractions top,left,bottom,right, got {args.box!r}") \
                 from None
+    _check_writable(args.output_dir)
     pipe, generator = _load(CogView2InpaintPipeline, args)
     output = pipe(prompt=args.prompt, image=image, mask_image=mask, mask_box=box, num_images_per_prompt=args.num_images,
                   style=args.style or "none", generator=generator, output_type="pil", **_sampler_kwargs(args))
@@ -576,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = show_warning  # one line each, as the errors (catch_warnings restores it)
             written = COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, TypeError, OSError) as error:  # OSError: missing, unwritable or unreadable files
         print(f"coglm-hf {args.command}: error: {error}", file=sys.stderr)
         return 1
     for path in written:

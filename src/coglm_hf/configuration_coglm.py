@@ -5,7 +5,13 @@ This file ships with every converted checkpoint (remote code): it imports nothin
 
 from __future__ import annotations
 
+import math
+
 from transformers import PreTrainedConfig
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class CogLMConfig(PreTrainedConfig):
@@ -86,10 +92,38 @@ class CogLMConfig(PreTrainedConfig):
     sr_text_slots: int = 0
 
     def __post_init__(self, **kwargs):
-        self.local_window = tuple(int(v) for v in self.local_window)
-        self.cross_window = tuple(int(v) for v in self.cross_window)
+        self._check_field_types()
+        self.local_window = tuple(self.local_window)
+        self.cross_window = tuple(self.cross_window)
         super().__post_init__(**kwargs)
         self.validate()
+
+    def _check_field_types(self) -> None:
+        """Raise ``TypeError`` naming a field whose value has the wrong type (``hidden_size="32"``, a float window
+        ``(5.6, 3)``, a NaN bias), before anything converts or compares it."""
+        annotations = {}
+        for cls in reversed(type(self).__mro__):
+            if isinstance(cls, type) and issubclass(cls, CogLMConfig):
+                annotations.update(vars(cls).get("__annotations__", {}))
+        for name, annotation in annotations.items():
+            value = getattr(self, name, None)
+            kind = str(annotation).replace(" ", "")
+            if kind == "int|None" and value is None:
+                continue
+            if kind in ("int", "int|None") and not _is_int(value):
+                raise TypeError(f"Invalid {type(self).__name__}: {name} must be an integer, got {value!r}")
+            if kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                        and math.isfinite(value)):
+                raise TypeError(f"Invalid {type(self).__name__}: {name} must be a finite number, got {value!r}")
+            if kind == "bool" and not isinstance(value, bool):
+                raise TypeError(f"Invalid {type(self).__name__}: {name} must be True or False, got {value!r}")
+            if kind == "str" and not isinstance(value, str):
+                raise TypeError(f"Invalid {type(self).__name__}: {name} must be a string, got {value!r}")
+            if kind.startswith("list[int]") and not (
+                isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)
+            ):
+                raise TypeError(f"Invalid {type(self).__name__}: {name} must be two integers (rows, cols), got "
+                                f"{value!r}")
 
     @property
     def head_dim(self) -> int:

@@ -13,7 +13,6 @@ same name and shape or is one of icetk's two EMA training buffers, which are che
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert_sat import atomic_output_dir
+from .convert_sat import atomic_output_dir, check_output_dir, read_json_object
 from .modeling_icevq import IceVQModel
 from .scheduling_cogview2 import CogView2Scheduler
 from .tokenization_coglm import CogLMTokenizer
@@ -185,9 +184,7 @@ def convert_icetk(
     Returns:
         The output directory.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{str(output_dir)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    output_dir = check_output_dir(output_dir, overwrite, [text_model, image_model, cluster_labels])
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -195,8 +192,7 @@ def convert_icetk(
 
     # 1. read and check everything before writing anything
     if isinstance(image_config, (str, os.PathLike)):
-        with open(image_config, encoding="utf-8") as handle:
-            image_config = json.load(handle)
+        image_config = read_json_object(Path(image_config))
     if image_config is not None and "Encoder" in image_config:
         image_config = icevq_config_from_icetk(image_config)
     image_tokenizer = convert_icetk_image_model(load_icetk_checkpoint(image_model), image_config, dtype)

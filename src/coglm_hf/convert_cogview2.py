@@ -23,7 +23,6 @@ stores identical files once as well). Every component folder still loads on its 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -40,8 +39,16 @@ from .conversion_icetk import (
     load_cluster_labels,
     load_icetk_checkpoint,
 )
-from .convert_sat import DTYPES, atomic_output_dir, build_empty_model, load_sat_state_dict, save_converted_model
-from .pipeline_cogview2 import CogView2Pipeline
+from .convert_sat import (
+    DTYPES,
+    atomic_output_dir,
+    build_empty_model,
+    check_output_dir,
+    load_sat_state_dict,
+    read_json_object,
+    save_converted_model,
+)
+from .pipeline_cogview2 import CogView2Pipeline, check_max_shard_size
 from .safetensors_streaming import parse_size, plan_shards, tensor_digest, tensor_nbytes
 from .scheduling_cogview2 import CogView2Scheduler
 from .tokenization_coglm import CogLMTokenizer
@@ -189,11 +196,11 @@ def convert_cogview2(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
     if cluster_labels is None:
         raise ValueError("cluster_labels is required: CogView2's cluster_label.npy (one cluster id per image token)")
+    check_max_shard_size(max_shard_size)
+    output_dir = check_output_dir(output_dir, overwrite, [sat_dir, coglm_dir, dsr_dir, itersr_dir, cluster_labels,
+                                                          text_model, image_model])
     torch_dtype = DTYPES[dtype]
     given = {"coglm": coglm_dir, "dsr": dsr_dir, "itersr": itersr_dir}
     with sat_model_folders(sat_dir, given, output_dir.absolute().parent) as folders:
@@ -217,7 +224,7 @@ def convert_cogview2(
         image_tokenizer = None
         if image_model is not None:
             if isinstance(image_config, (str, os.PathLike)):
-                image_config = json.loads(Path(image_config).read_text(encoding="utf-8"))
+                image_config = read_json_object(Path(image_config))
             if image_config is not None and "Encoder" in image_config:
                 image_config = icevq_config_from_icetk(image_config)
             image_tokenizer = convert_icetk_image_model(load_icetk_checkpoint(image_model), image_config, torch_dtype)

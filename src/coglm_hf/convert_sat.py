@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
+from .pipeline_cogview2 import check_max_shard_size
 from .safetensors_streaming import write_sharded_weights
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def load_sat_state_dict(model_dir: str | os.PathLike) -> tuple[dict[str, torch.T
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (named by {tracker})")
     config_path = model_dir / "model_config.json"
-    model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model_config = read_json_object(config_path) if config_path.is_file() else {}
 
     payload = _read_model_states(weights)
     if not isinstance(payload, dict) or not isinstance(payload.get("module"), dict):
@@ -269,8 +270,53 @@ def save_converted_model(model, converted: dict[str, torch.Tensor], folder: str 
     write_sharded_weights(folder, converted, dtype, max_shard_size, **shard_options)
 
 
+def read_json_object(path: Path) -> dict:
+    """Parse a JSON object file; a corrupt one is a ``ValueError`` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore the original file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """Refuse, before any work, an existing ``output_dir`` without ``overwrite`` and an ``output_dir`` that is (or
+    contains) one of the ``inputs``: replacing it would delete the input."""
+    output_dir = Path(output_dir)
+    target = output_dir.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if source == target or target in source.parents:
+            raise ValueError(f"the output folder {output_dir} is (or contains) the input {source}; writing there "
+                             "would delete the input. Choose another output folder.")
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"{output_dir} is a file; choose a folder path for the output")
+    return output_dir
+
+
+def remove_stale_staging(output_dir: Path, keep: Path | None = None) -> int:
+    """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings that an interrupted write into ``output_dir`` left
+    behind (all but ``keep``); returns how many were removed."""
+    removed = 0
+    for pattern in (f".{output_dir.name}.tmp-*", f".{output_dir.name}.old-*"):
+        for stale in output_dir.parent.glob(pattern):
+            if stale != keep and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+                removed += 1
+    if removed:
+        logger.info("removed %d temporary folder(s) left next to %s by an interrupted run", removed, output_dir)
+    return removed
+
+
 def atomic_output_dir(output_dir: Path, overwrite: bool):
-    """Context manager yielding a temporary sibling folder that replaces ``output_dir`` only on success."""
+    """Context manager yielding a temporary sibling folder that replaces ``output_dir`` only on success (after
+    which temporary folders left by interrupted earlier runs are removed)."""
 
     class _Atomic:
         def __enter__(self):
@@ -292,6 +338,7 @@ def atomic_output_dir(output_dir: Path, overwrite: bool):
                 shutil.rmtree(backup, ignore_errors=True)
             else:
                 os.replace(self.tmp, output_dir)
+            remove_stale_staging(output_dir)
             return False
 
     return _Atomic()
@@ -318,7 +365,8 @@ def convert_sat_checkpoint(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    output_dir = Path(output_dir)
+    check_max_shard_size(max_shard_size)
+    output_dir = check_output_dir(output_dir, overwrite, [input_dir])
     state_dict, model_config, _ = load_sat_state_dict(input_dir)
     model, kind, converted = build_empty_model(state_dict, model_config)
     with atomic_output_dir(output_dir, overwrite) as tmp:
@@ -329,6 +377,7 @@ def convert_sat_checkpoint(
 
 __all__ = [
     "MODEL_KINDS",
+    "check_output_dir",
     "build_empty_model",
     "config_from_sat",
     "convert_sat_checkpoint",
@@ -338,4 +387,6 @@ __all__ = [
     "load_sat_state_dict",
     "map_key",
     "save_converted_model",
+    "read_json_object",
+    "remove_stale_staging",
 ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,6 +299,8 @@ def _validate(
         scale = query.shape[-1] ** -0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"`scale` must be a float or None, got {type(scale).__name__}.")
+    elif not math.isfinite(scale):
+        raise ValueError(f"`scale` must be a finite number, got {scale}.")
     return _Problem(tuple(sets), num_global, float(scale))
 
 
@@ -881,6 +884,8 @@ def local_attention_2d(
         query, key, value, grid, key_grid, window, causal, cross_key, cross_value, cross_grid, cross_window,
         global_key, global_value, global_key_mask, scale,
     )  # fmt: skip
+    if query.shape[0] == 0 or query.shape[1] == 0:  # an empty batch (or no heads): nothing to attend
+        return query.new_empty(*query.shape[:3], value.shape[-1])
     windowed = [(key, value)] + ([(cross_key, cross_value)] if cross_key is not None else [])
     backend = _state["backend"]
     if backend in ("auto", "kernel"):

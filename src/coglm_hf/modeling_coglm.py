@@ -14,6 +14,8 @@ This file ships as remote code: it imports only torch, transformers and sibling 
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -208,11 +210,32 @@ class CogLMPreTrainedModel(PreTrainedModel):
         "AutoModelForMaskedLM": "modeling_coglm.CogLMForMaskedRegions",
     }
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights, config and the model's source files, with ``auto_map`` entries for every Auto class so the
-        folder loads with ``trust_remote_code=True`` where coglm_hf is not installed."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        variant: str | None = None,
+        **kwargs,
+    ):
+        """Save weights (safetensors), config and the model's source files, with ``auto_map`` entries for every Auto
+        class so the folder loads with ``trust_remote_code=True`` where coglm_hf is not installed.
+
+        The parameters are spelled out (not ``*args``) because Diffusers' pipeline ``save_pretrained`` forwards
+        ``variant`` and ``max_shard_size`` only to components whose signature names them.
+        """
         self.config.auto_map = dict(self._remote_auto_map)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            max_shard_size=max_shard_size,
+            variant=variant,
+            **kwargs,
+        )
 
 
 class CogLMDynamicCacheLayer(DynamicLayer):
@@ -639,8 +662,13 @@ class CogLMModel(CogLMPreTrainedModel):
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if input_ids is not None and isinstance(input_ids, torch.Tensor) and (
+            input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool
+        ):
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}; convert it "
+                            "with .long()")
         if inputs_embeds is None:
-            if input_ids is None or input_ids.dim() != 2:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
                 raise ValueError("input_ids must be a [batch, seq] LongTensor (or pass inputs_embeds)")
             batch, query_length = input_ids.shape
             device = input_ids.device
@@ -713,6 +741,8 @@ class CogLMModel(CogLMPreTrainedModel):
 
         hidden_states = self.embed(input_ids, position_ids, inputs_embeds)
         bias = config.text_attention_bias if text_attention_bias is None else float(text_attention_bias)
+        if not math.isfinite(bias):
+            raise ValueError(f"text_attention_bias must be a finite number, got {bias}")
         layer_mask, mask_kwargs = self.build_attention_mask(
             batch, query_length, past_length, kv_length, attention_mask, mask_regions, bias, text_keys,
             hidden_states.dtype, device, segment_ids,

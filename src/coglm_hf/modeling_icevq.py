@@ -355,6 +355,8 @@ class IceVQModel(ModelMixin, ConfigMixin):
                              f"compression rate {rate}; resize or crop it (e.g. IceVQImageProcessor(image_size="
                              f"{suggestion}).preprocess(images))")
         low, high = float(images.amin()), float(images.amax())
+        if math.isnan(low) or math.isnan(high):
+            raise ValueError("images contain NaN pixels; fix or drop those images before encoding them")
         if low < -1e-4 or high > 1 + 1e-4:
             raise ValueError(f"images must be RGB in [0, 1] (icetk normalises them itself), got values in [{low:.3g}, "
                              f"{high:.3g}]; map [-1, 1] images with (x + 1) / 2 and clamp decoded images first")

@@ -22,7 +22,9 @@ works where coglm_hf is not installed.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 import json
 import os
 import re
@@ -39,11 +41,17 @@ import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from diffusers.utils import logging as diffusers_logging
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from .image_processing_icevq import IceVQImageProcessor
 
-OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
+# Per-component loading messages go where DiffusionPipeline.from_pretrained writes its own.
+_pipeline_logger = diffusers_logging.get_logger(DiffusionPipeline.__module__)
+
+# "latent" is Diffusers' name for the output before decoding: here the token grids, as "tokens".
+OUTPUT_TYPES = ("pil", "np", "pt", "tokens", "latent")
+TOKEN_OUTPUT_TYPES = ("tokens", "latent")
 # Files of the pipeline folder root: the pipelines and what they import relatively (copied by `save_pretrained`).
 PIPELINE_FILES = ("pipeline_cogview2.py", "pipeline_cogview2_inpaint.py", "image_processing_icevq.py")
 # Prefix of the entry modules `save_pretrained` writes into component folders (see `_add_remote_code`).
@@ -117,6 +125,58 @@ def _remove_code(folder: Path) -> None:
         config = json.loads(path.read_text(encoding="utf-8"))
         if [config.pop(key) for key in ("auto_map", "_name_or_path") if key in config]:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+GeneratorArg = torch.Generator | list[torch.Generator] | None
+
+
+def _draw(sample: Callable[..., torch.Tensor], generator: GeneratorArg, *batched: torch.Tensor) -> torch.Tensor:
+    """`sample(*batched, generator=...)` over tensors whose first dimension is the batch: once with one generator
+    (or `None`), or with a list holding one generator per row, once per run of consecutive rows sharing a
+    generator, so that a sample's draws do not depend on the other samples of its batch. Each draw runs on its
+    generator's device (a stage on another GPU than the generator samples there); the result is on the device of
+    `batched[0]`."""
+    device = batched[0].device
+
+    def draw(tensors, g):
+        if g is not None:
+            tensors = [t if t.device == g.device else t.to(g.device) for t in tensors]
+        return sample(*tensors, generator=g).to(device)
+
+    if not isinstance(generator, list):
+        return draw(batched, generator)
+    draws, start = [], 0
+    for end in range(1, batched[0].shape[0] + 1):
+        if end == batched[0].shape[0] or generator[end] is not generator[start]:
+            draws.append(draw([t[start:end] for t in batched], generator[start]))
+            start = end
+    return torch.cat(draws)
+
+
+def _rows(generator: GeneratorArg, start: int, stop: int) -> GeneratorArg:
+    """The generator(s) of rows `start:stop`."""
+    return generator[start:stop] if isinstance(generator, list) else generator
+
+
+def check_max_shard_size(max_shard_size: Any) -> None:
+    """Accept a positive number of bytes or a size string like "5GB", "200MB", "10KiB" (what Diffusers and
+    Transformers parse)."""
+    if isinstance(max_shard_size, bool) or not (
+        (isinstance(max_shard_size, int) and max_shard_size > 0)
+        or (isinstance(max_shard_size, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]i?B\s*", max_shard_size,
+                                                              flags=re.IGNORECASE))
+    ):
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a size such as '5GB' or '200MB', "
+                         f"got {max_shard_size!r}")
+
+
+def _read_json(path: Path) -> dict:
+    """Parse a JSON object file; a corrupt file is a ValueError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it or save the pipeline again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}; save the pipeline again")
+    return data
 
 
 def _as_id_lists(prompt_ids: Any) -> list[list[int]]:
@@ -228,14 +288,24 @@ class CogView2StagesMixin:
         """Side of the super-resolution token grid (60)."""
         return self.dsr_model.config.hires_grid_size
 
-    def _check_generator(self, generator: torch.Generator | None, device: torch.device) -> None:
+    def _check_generator(self, generator: GeneratorArg, device: torch.device, num_images: int | None = None) -> None:
+        """`generator`: `None`, one `torch.Generator`, or a list of `num_images` of them (one per returned image;
+        `num_images=None`: a pipeline that takes one generator only)."""
         if generator is None:
             return
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be one torch.Generator (not a list), got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"the generator is on {generator.device} but the pipeline runs on {device}; create it "
-                             f"there: torch.Generator('{device.type}').manual_seed(seed)")
+        generators = generator if isinstance(generator, list) else [generator]
+        if isinstance(generator, list) and num_images is None:
+            raise TypeError(f"{type(self).__name__} takes one torch.Generator, not a list")
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(f"generator is a list of {len(generator)} generators but the call returns {num_images} "
+                             "images (prompts × num_images_per_prompt); pass one generator per image or a single one")
+        for item in generators:
+            if not isinstance(item, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or a list of them, got "
+                                f"{type(item).__name__}")
+            if item.device.type != device.type:
+                raise ValueError(f"the generator is on {item.device} but the pipeline runs on {device}; create it "
+                                 f"there: torch.Generator('{device.type}').manual_seed(seed)")
 
     @staticmethod
     def _device_of(model) -> torch.device:
@@ -248,13 +318,6 @@ class CogView2StagesMixin:
             if device is not None:
                 return torch.device(device)
         return next(model.parameters()).device
-
-    @staticmethod
-    def _for_generator(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Logits on the generator's device (a stage on another GPU than the generator samples there)."""
-        if generator is None or generator.device == logits.device:
-            return logits
-        return logits.to(generator.device)
 
     def _warn_if_half_on_cpu(self, device: torch.device) -> None:
         """float16 has few fast CPU kernels, so a float16 pipeline is several times slower than float32 there.
@@ -269,6 +332,17 @@ class CogView2StagesMixin:
             tensor_inputs = callback.tensor_inputs
         if callback is not None and not callable(callback):
             raise TypeError("callback_on_step_end must be callable(pipe, step, stage, callback_kwargs) -> dict")
+        if callback is not None:
+            try:
+                inspect.signature(callback).bind(self, 0, "stage1", {})
+            except TypeError:
+                raise TypeError("callback_on_step_end must accept four arguments (pipe, step, stage, "
+                                "callback_kwargs) and return a dict") from None
+            except ValueError:  # no signature (some builtins): let the call decide
+                pass
+        if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, Sequence):
+            raise TypeError(f"callback_on_step_end_tensor_inputs must be a list of names such as ['image_tokens'], "
+                            f"got {tensor_inputs!r}")
         unknown = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
@@ -360,11 +434,27 @@ class CogView2StagesMixin:
         if callback is None:
             return image_tokens
         values = {"image_tokens": image_tokens, "sample_indices": sample_indices}
-        outputs = callback(self, step, stage, {name: values[name] for name in tensor_inputs}) or {}
+        outputs = callback(self, step, stage, {name: values[name] for name in tensor_inputs})
+        if outputs is None:
+            return image_tokens
+        if not isinstance(outputs, dict):
+            raise TypeError(f"callback_on_step_end must return a dict (e.g. the callback_kwargs it was given), got "
+                            f"{type(outputs).__name__} at stage {stage!r}")
         replaced = outputs.get("image_tokens", image_tokens)
+        if replaced is image_tokens:
+            return image_tokens
         if not isinstance(replaced, torch.Tensor) or replaced.shape != image_tokens.shape:
             raise ValueError(f"callback_on_step_end returned image_tokens of shape "
                              f"{getattr(replaced, 'shape', type(replaced))}; expected {list(image_tokens.shape)}")
+        if replaced.is_floating_point() or replaced.is_complex() or replaced.dtype == torch.bool:
+            raise TypeError(f"callback_on_step_end returned image_tokens of dtype {replaced.dtype} at stage "
+                            f"{stage!r}; return integer token ids (e.g. tokens.long())")
+        # stage 1 marks the cells not generated yet with -1
+        low, high = (-1 if stage == "stage1" else 0), self.base_model.config.num_image_tokens
+        if replaced.numel() and (int(replaced.min()) < low or int(replaced.max()) >= high):
+            raise ValueError(f"callback_on_step_end returned image_tokens outside [{low}, {high}) at stage {stage!r} "
+                             f"(values {int(replaced.min())} … {int(replaced.max())}); return image ids of the "
+                             "codebook")
         return replaced.to(image_tokens.device, torch.long)
 
     def prefill(
@@ -412,7 +502,7 @@ class CogView2StagesMixin:
         grid: torch.Tensor,
         cells: torch.Tensor,
         settings: dict,
-        generator: torch.Generator | None,
+        generator: GeneratorArg,
         callback=None,
         tensor_inputs: Sequence[str] = (),
         sample_indices: torch.Tensor | None = None,
@@ -428,6 +518,7 @@ class CogView2StagesMixin:
             cells: `[n]` grid cells of the generated segment, in generation order; cell `j` has position
                 `boi_position_id + 1 + j`.
             settings: sampler knobs of `CogView2Scheduler.sampler_settings`.
+            generator: one generator (or `None`) for the batch, or a list of `b` (one per row).
 
         Returns:
             The filled `[b, g²]` grid.
@@ -440,15 +531,12 @@ class CogView2StagesMixin:
         logits = logits.expand(batch, -1)
         self.base_model.broadcast_cache(cache, batch)  # before the steps: a compiled step never sees batch 1
         step_model = self.base_model if self._stage1_step is None else self._stage1_step
+        sample = functools.partial(self.scheduler.sample_stage1, temperature=settings["temperature"],
+                                   top_k_clusters=settings["top_k_clusters"],
+                                   cluster_temperature=settings["cluster_temperature"])
         for step, cell in enumerate(cells.tolist()):
             if to_sample[step]:
-                grid[:, cell] = self.scheduler.sample_stage1(
-                    self._for_generator(logits, generator),
-                    generator,
-                    temperature=settings["temperature"],
-                    top_k_clusters=settings["top_k_clusters"],
-                    cluster_temperature=settings["cluster_temperature"],
-                ).to(grid.device)
+                grid[:, cell] = _draw(sample, generator, logits)
             if callback is not None:
                 grid = self._step_callback(
                     callback, tensor_inputs, "stage1", step, grid.view(batch, side, side), sample_indices
@@ -470,7 +558,7 @@ class CogView2StagesMixin:
         requests: list[PromptInput],
         per_prompt: int,
         settings: dict,
-        generator: torch.Generator | None,
+        generator: GeneratorArg,
         batch_size: int,
         callback=None,
         tensor_inputs: Sequence[str] = (),
@@ -478,22 +566,23 @@ class CogView2StagesMixin:
         """Text → `[len(requests) · per_prompt, g, g]` stage-1 grids, grouped by prompt.
 
         Each prompt is encoded once; its cache is shared by every chunk of at most `batch_size` samples.
+        `generator`: one generator (or `None`) for all samples, or a list with one per sample; consecutive samples
+        sharing a generator are chunked from their first one as if generated alone (and draw together).
         """
         side = self.low_res_grid
         cells = torch.arange(side * side)
-        chunks = [(p, start, min(batch_size, per_prompt - start))
-                  for p in range(len(requests)) for start in range(0, per_prompt, batch_size)]
+        chunks = self._stage1_chunks(len(requests), per_prompt, generator, batch_size)
         device = self._device_of(self.base_model)
         results = []
         with self.progress_bar(total=len(chunks) * cells.numel()) as progress:
             progress.set_description("stage 1")
             cache = logits = None
             for index, (p, start, size) in enumerate(chunks):
-                if start == 0:
+                if index == 0 or chunks[index - 1][0] != p:
                     cache, logits = self.prefill(requests[p].text_ids)
                 last_chunk_of_prompt = index + 1 == len(chunks) or chunks[index + 1][0] != p
                 grid = torch.full((size, cells.numel()), -1, dtype=torch.long, device=device)
-                sample_indices = torch.arange(p * per_prompt + start, p * per_prompt + start + size)
+                sample_indices = torch.arange(start, start + size)
                 results.append(
                     self.autoregress(
                         cache if last_chunk_of_prompt else copy.deepcopy(cache),
@@ -501,7 +590,7 @@ class CogView2StagesMixin:
                         grid,
                         cells,
                         settings,
-                        generator,
+                        _rows(generator, start, start + size),
                         callback,
                         tensor_inputs,
                         sample_indices,
@@ -509,6 +598,33 @@ class CogView2StagesMixin:
                     )
                 )
         return torch.cat(results).view(-1, side, side)
+
+    @staticmethod
+    def _stage1_chunks(
+        num_prompts: int, per_prompt: int, generator: GeneratorArg, batch_size: int
+    ) -> list[tuple[int, int, int]]:
+        """`(prompt, first sample, size)` chunks of at most `batch_size` samples of one prompt.
+
+        The samples of a prompt form runs sharing a generator (one run with a single generator); each run is cut in
+        pieces of `batch_size` from its start, and consecutive pieces are packed into a chunk while they fit."""
+        chunks = []
+        for p in range(num_prompts):
+            first, last = p * per_prompt, (p + 1) * per_prompt
+            runs, start = [], first
+            for end in range(first + 1, last + 1):
+                if end == last or not isinstance(generator, list) or generator[end] is not generator[start]:
+                    runs.append((start, end))
+                    start = end
+            pieces = [(s, min(batch_size, end - s)) for start, end in runs for s in range(start, end, batch_size)]
+            chunk_start, chunk_size = pieces[0]
+            for piece_start, piece_size in pieces[1:]:
+                if chunk_size + piece_size <= batch_size:
+                    chunk_size += piece_size
+                else:
+                    chunks.append((p, chunk_start, chunk_size))
+                    chunk_start, chunk_size = piece_start, piece_size
+            chunks.append((p, chunk_start, chunk_size))
+        return chunks
 
     def select_candidates(
         self,
@@ -558,15 +674,19 @@ class CogView2StagesMixin:
         low_res: torch.LongTensor,
         texts: Sequence[Sequence[int]],
         settings: dict,
-        generator: torch.Generator | None,
+        generator: GeneratorArg,
         batch_size: int,
         callback=None,
         tensor_inputs: Sequence[str] = (),
     ) -> torch.LongTensor:
         """Stage 2: `[B, g, g]` → `[B, G, G]`, one forward pass and one cluster-sampling draw per chunk.
 
-        `texts`: the prompt ids (without `<start_of_image>`) of every sample."""
+        `texts`: the prompt ids (without `<start_of_image>`) of every sample. `generator`: one (or `None`), or a
+        list with one per sample (each sample then draws alone)."""
         side = self.high_res_grid
+        sample = functools.partial(self.scheduler.sample_dsr, dsr_temperature=settings["dsr_temperature"],
+                                   dsr_top_k_clusters=settings["dsr_top_k_clusters"],
+                                   dsr_cluster_temperature=settings["dsr_cluster_temperature"])
         results = []
         with self.progress_bar(total=-(-low_res.shape[0] // batch_size)) as progress:
             progress.set_description("direct super-resolution")
@@ -576,13 +696,7 @@ class CogView2StagesMixin:
                                                             self._device_of(self.dsr_model))
                 logits = self.dsr_model(input_ids=input_ids, attention_mask=attention_mask,
                                         low_res_tokens=chunk.to(input_ids.device)).logits
-                tokens = self.scheduler.sample_dsr(
-                    self._for_generator(logits, generator),
-                    generator,
-                    dsr_temperature=settings["dsr_temperature"],
-                    dsr_top_k_clusters=settings["dsr_top_k_clusters"],
-                    dsr_cluster_temperature=settings["dsr_cluster_temperature"],
-                ).view(-1, side, side)
+                tokens = _draw(sample, _rows(generator, start, start + chunk.shape[0]), logits).view(-1, side, side)
                 del logits
                 sample_indices = torch.arange(start, start + chunk.shape[0])
                 results.append(self._step_callback(callback, tensor_inputs, "dsr", 0, tokens, sample_indices))
@@ -594,7 +708,7 @@ class CogView2StagesMixin:
         tokens: torch.LongTensor,
         texts: Sequence[Sequence[int]],
         settings: dict,
-        generator: torch.Generator | None,
+        generator: GeneratorArg,
         batch_size: int,
         input_mask: torch.BoolTensor | None = None,
         callback=None,
@@ -604,6 +718,7 @@ class CogView2StagesMixin:
 
         The model sees the first `sr_text_slots` (16) prompt ids, as in the official pipeline. `input_mask`
         (`[B, G, G]` bool) restricts the cells that may change (editing); the others keep their ids exactly.
+        `generator`: one (or `None`), or a list with one per sample (each sample then draws alone).
         """
         side = tokens.shape[-1]
         slots = self.itersr_model.config.sr_text_slots
@@ -628,16 +743,20 @@ class CogView2StagesMixin:
                         input_ids=input_ids, attention_mask=attention_mask, image_tokens=masked
                     ).logits
                     flat = regenerate.reshape(batch, -1)
-                    samples = self.scheduler.sample_itersr(
-                        self._for_generator(logits[flat], generator), top_k, generator,
-                        temperature=settings["itersr_temperature"],
-                    ).to(current.device)
+                    sample = functools.partial(self._sample_itersr_cells, top_k=top_k,
+                                               temperature=settings["itersr_temperature"])
+                    samples = _draw(sample, _rows(generator, start, start + batch),
+                                    logits.view(batch, flat.shape[1], -1), flat)
                     del logits
                     current = current.reshape(batch, -1).masked_scatter(flat, samples).view(batch, side, side)
                     current = self._step_callback(callback, tensor_inputs, "itersr", step, current, sample_indices)
                     progress.update()
                 results.append(current)
         return torch.cat(results)
+
+    def _sample_itersr_cells(self, logits, regenerate, *, generator, top_k, temperature) -> torch.LongTensor:
+        """LoPAR draw of the cells to regenerate only: `logits` `[b, N, V]`, `regenerate` `[b, N]` bool."""
+        return self.scheduler.sample_itersr(logits[regenerate], top_k, generator, temperature=temperature)
 
     # ---------------------------------------------------------------------------------------------------- decode
 
@@ -687,13 +806,28 @@ class CogView2StagesMixin:
         files at the root and each component's module file(s) in its folder, with `model_index.json` entries
         `[<module file>, <class>]` that resolve to them. It loads with `CogView2Pipeline.from_pretrained(folder)`
         (coglm_hf installed; no code from the folder runs) or with `DiffusionPipeline.from_pretrained(folder,
-        custom_pipeline=<folder>/pipeline_cogview2.py, trust_remote_code=True)`.
+        custom_pipeline=<folder>/pipeline_cogview2.py, trust_remote_code=True)`. Optional components set to `None`
+        are left out and load back as `None`.
 
         `remote_code=False` writes weights and configs only (entries `["coglm_hf.<module>", <class>]`, no
         `auto_map`): a folder for the installed package alone, the way the embedded demo is shipped.
+
+        Args:
+            save_directory: the pipeline folder to write (replaced if it exists).
+            safe_serialization: as in Diffusers: `False` makes the Diffusers component (`image_tokenizer`) write a
+                pickled `.bin` (`torch.save`); the transformers models always write safetensors.
+            variant: weights files are named `<name>.<variant>.<ext>` (e.g. `"fp16"`); load them back with
+                `from_pretrained(..., variant=...)`.
+            max_shard_size: largest weights file per model (`int` bytes or a string such as `"5GB"`, `"200MB"`);
+                bigger models are sharded with an index file.
         """
-        if not safe_serialization:
-            raise ValueError("CogView2 pipelines are saved as safetensors only (safe_serialization=True)")
+        if not isinstance(safe_serialization, bool):
+            raise TypeError(f"safe_serialization must be True or False, got {safe_serialization!r}")
+        if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w-]+", variant)):
+            raise ValueError(f"variant must be a short name made of letters, digits, '_' or '-' (e.g. 'fp16'), got "
+                             f"{variant!r}")
+        if max_shard_size is not None:
+            check_max_shard_size(max_shard_size)
         if push_to_hub:
             raise ValueError("push_to_hub is not supported here: save the folder, then upload it with "
                              "huggingface_hub.upload_folder")
@@ -702,7 +836,8 @@ class CogView2StagesMixin:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             staging.chmod(0o755)
-            super().save_pretrained(staging, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
+            super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant,
+                                    max_shard_size=max_shard_size)
             if remote_code:
                 self._add_remote_code(staging)
             else:
@@ -711,6 +846,9 @@ class CogView2StagesMixin:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        # staging folders of saves that were killed midway (an interrupted save never touches `target`)
+        for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _add_remote_code(self, folder: Path) -> None:
         """Copy the pipeline and component code into `folder` and point `model_index.json` at it.
@@ -766,9 +904,16 @@ class CogView2StagesMixin:
         Args:
             pretrained_model_name_or_path: the pipeline folder or a Hub repo id.
             dtype / torch_dtype: dtype of every model, or a dict `{component name: dtype, "default": dtype}`.
+            variant: load the weights files saved with `save_pretrained(..., variant=...)` (e.g. `"fp16"`).
+            device_map: where to put the models: a device (`"cpu"`, `"cuda"`, `"cuda:1"`, `torch.device`) for all
+                of them, or a dict `{component name: device}` (components not named stay on the CPU).
             local_files_only, revision, cache_dir, token: passed to the Hub download for repo ids.
             tokenizer, image_tokenizer, base_model, dsr_model, itersr_model, scheduler: ready components that
                 replace the folder's (`None` leaves an optional component out).
+
+        Pickled `.bin` weights (written with `safe_serialization=False`) are only ever read with
+        `torch.load(weights_only=True)`. Each loaded component is reported at INFO level on Diffusers' pipeline
+        logger, as `DiffusionPipeline.from_pretrained` does.
         """
         if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") or not cls._has_installed_modules():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -777,19 +922,19 @@ class CogView2StagesMixin:
         download = {key: kwargs.pop(key) for key in download_keys if key in kwargs}
         dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
         dtype = torch_dtype if dtype is None else dtype
+        variant, device_map = kwargs.pop("variant", None), kwargs.pop("device_map", None)
         passed = {name: kwargs.pop(name) for name in COMPONENT_NAMES if name in kwargs}
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {sorted(kwargs)}")
-        folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **download))
+        if variant is not None and not isinstance(variant, str):
+            raise TypeError(f"variant must be a string such as 'fp16', got {variant!r}")
+        devices = cls._component_devices(device_map)
+        folder = cls._resolve_folder(pretrained_model_name_or_path, download)
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} not found: {pretrained_model_name_or_path} is not a pipeline "
                                     "folder (write one with save_pretrained or conversion/convert_cogview2.py)")
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = _read_json(index_path)
         components = {}
         for name in COMPONENT_NAMES:
             if name in passed:
@@ -799,6 +944,11 @@ class CogView2StagesMixin:
             if not entry or entry[0] is None:
                 components[name] = None
                 continue
+            if not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(e, str) for e in entry):
+                raise ValueError(f"{index_path}: the entry of {name} must be [module, class], got {entry!r}")
+            if not (folder / name).is_dir():
+                raise FileNotFoundError(f"{folder / name} not found: {index_path} names a {name} but the folder "
+                                        "has no such subfolder; save the pipeline again")
             component_cls = cls._installed_class(*entry)
             load_kwargs = {}
             component_dtype = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
@@ -806,13 +956,83 @@ class CogView2StagesMixin:
                 load_kwargs["dtype"] = component_dtype
             elif component_dtype is not None and name == "image_tokenizer":
                 load_kwargs["torch_dtype"] = component_dtype
-            components[name] = component_cls.from_pretrained(folder / name, **load_kwargs)
+            if variant is not None and name.endswith(("_model", "image_tokenizer")):
+                load_kwargs["variant"] = variant
+            components[name] = cls._load_component(component_cls, folder / name, name, load_kwargs)
+            if name in devices:
+                components[name] = components[name].to(devices[name])
+            _pipeline_logger.info(f"Loaded {name} as {entry[1]} from `{name}` subfolder of "
+                                  f"{pretrained_model_name_or_path}.")
         for name in ("base_model", "scheduler"):
             if components[name] is None:
                 raise ValueError(f"{index_path} has no {name}; it is required")
         pipeline = cls(**components)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
+
+    @staticmethod
+    def _resolve_folder(name_or_path: str | os.PathLike, download: dict) -> Path:
+        """The local folder of `name_or_path`; a Hub repo id ("org/name") is downloaded (or found in the cache)."""
+        folder = Path(name_or_path).expanduser()
+        if folder.is_dir():
+            return folder
+        text = str(name_or_path)
+        if folder.exists():
+            raise NotADirectoryError(f"{folder} is a file; pass the pipeline folder (the one with model_index.json)")
+        if folder.is_absolute() or text.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text):
+            raise FileNotFoundError(f"folder not found: {folder}; check the path (it is not a Hub repo id either)")
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text, **download))
+        except Exception as error:  # the Hub client raises many types (offline, missing repo, auth)
+            raise OSError(f"{text} is not a local folder and could not be fetched from the Hub "
+                          f"({type(error).__name__}: {error}); check the path or repo id") from error
+
+    @staticmethod
+    def _component_devices(device_map: Any) -> dict[str, torch.device]:
+        """`device_map` of `from_pretrained` → `{component name: device}` for the models."""
+        models = ("image_tokenizer", "base_model", "dsr_model", "itersr_model")
+        if device_map is None:
+            return {}
+        if isinstance(device_map, dict):
+            unknown = set(device_map) - set(models)
+            if unknown:
+                raise ValueError(f"device_map names {sorted(unknown)}; its keys must be among {models}")
+            items = device_map.items()
+        else:
+            items = [(name, device_map) for name in models]
+        devices = {}
+        for name, device in items:
+            try:
+                devices[name] = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device_map: {device!r} is not a device; use 'cpu', 'cuda', 'cuda:1', a "
+                                 "torch.device or a dict {component: device} ('auto'/'balanced' are not "
+                                 "supported)") from None
+            if devices[name].type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device_map puts {name} on {device!r} but no CUDA device is visible; use 'cpu'")
+        return devices
+
+    @staticmethod
+    def _load_component(component_cls, path: Path, name: str, load_kwargs: dict):
+        """`component_cls.from_pretrained(path)`, with a missing `variant` reported by name."""
+        variant = load_kwargs.get("variant")
+        if variant is not None and not any(f".{variant}." in file.name for file in path.iterdir()):
+            raise FileNotFoundError(f"{path} has no weights of variant {variant!r}; save with "
+                                    f"save_pretrained(..., variant={variant!r}) or load without variant "
+                                    f"({name})")
+        if name == "image_tokenizer" and not any(file.suffix == ".safetensors" for file in path.iterdir()):
+            # a folder saved with safe_serialization=False: say so instead of letting Diffusers look for
+            # safetensors first (it logs an error); the pickle is still read with weights_only=True
+            load_kwargs = dict(load_kwargs, use_safetensors=False)
+        try:
+            return component_cls.from_pretrained(path, **load_kwargs)
+        except (TypeError, ImportError):  # programming errors and missing packages: report them as they are
+            raise
+        except Exception as error:  # the loaders raise many types (OSError, ValueError, SafetensorError, ...)
+            raise OSError(f"could not load {name} from {path} ({type(error).__name__}: {error}); the folder is "
+                          "damaged or incomplete: save or convert the pipeline again") from error
 
     @classmethod
     def _has_installed_modules(cls) -> bool:
@@ -871,7 +1091,7 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
         num_candidates: int | None = None,
         style: str = "mainbody",
         only_first_stage: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -896,14 +1116,19 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
             num_images_per_prompt: images returned per prompt.
             num_candidates: post-selection: generate this many stage-1 candidates per prompt, score each with the
                 caption likelihood of the raw prompt text and keep the `num_images_per_prompt` best ones
-                for super-resolution (`None` = no post-selection).
+                for super-resolution (`None` = no post-selection). With a list of generators, every image has its
+                own `num_candidates` candidates.
             style: one of `scheduler.styles` ("mainbody" default, "none", "photo", "flat", "comics", "oil",
                 "sketch", "isometric", "chinese", "watercolor"): prompt template and its sampler overrides.
             only_first_stage: stop after stage 1 (and post-selection); images are the 20×20-token decodes enlarged
                 by nearest-neighbour to the super-resolution size when the SR models are present.
-            generator: the only source of randomness; on the device the pipeline runs on.
+            generator: the only source of randomness, on the device the pipeline runs on: one `torch.Generator`,
+                or a list with one per returned image (prompts × `num_images_per_prompt`, grouped by prompt). With
+                a list, image `i` is the image of a run of its prompt with `generator=generator[i]` alone: its own
+                `num_candidates` candidates (post-selection keeps its best one) and its own draws in every stage.
             output_type: "pil", "np", "pt" or "tokens" (the final token grids, `[B, 20, 20]` with
-                `only_first_stage`, else `[B, 60, 60]`).
+                `only_first_stage`, else `[B, 60, 60]`); "latent" (Diffusers' name for the undecoded output) is
+                the same as "tokens".
             return_dict: return a `CogView2PipelineOutput` (else a tuple `(images,)` or `(images, scores)`).
             callback_on_step_end: `callback(pipe, step, stage, callback_kwargs) -> dict`, called after every stage-1
                 token (`stage="stage1"`, `step` = token index; `image_tokens` `[b, 20, 20]` with -1 at cells not
@@ -931,8 +1156,8 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
         # 0. check inputs
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        self.check_components(super_resolution=not only_first_stage, decode=output_type != "tokens",
-                              tokenize=prompt is not None)
+        decode = output_type not in TOKEN_OUTPUT_TYPES
+        self.check_components(super_resolution=not only_first_stage, decode=decode, tokenize=prompt is not None)
         settings = self.scheduler.sampler_settings(
             style,
             temperature=temperature,
@@ -949,24 +1174,36 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
         self._check_batch_size("sr_batch_size", sr_batch_size)
         if num_candidates is not None:
             self._check_batch_size("num_candidates", num_candidates)
-            if num_candidates < num_images_per_prompt:
+            if num_candidates < num_images_per_prompt and not isinstance(generator, list):
                 raise ValueError(f"num_candidates ({num_candidates}) must be >= num_images_per_prompt "
                                  f"({num_images_per_prompt}): post-selection keeps the best of the candidates")
         tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
-        self._check_generator(generator, device)
         self._warn_if_half_on_cpu(device)
         requests = self.encode_prompts(prompt, prompt_ids, style, super_resolution=not only_first_stage)
+        self._check_generator(generator, device, len(requests) * num_images_per_prompt)
 
-        # 1. stage 1: 20×20 tokens per candidate
-        per_prompt = num_candidates or num_images_per_prompt
-        tokens = self.generate_stage1(requests, per_prompt, settings, generator, stage1_batch_size,
+        # 1. stage 1: 20×20 tokens per candidate; with one generator per image, each image has its own candidates
+        per_image = isinstance(generator, list)
+        if per_image:
+            candidates = num_candidates or 1
+            per_prompt = num_images_per_prompt * candidates
+            stage1_generator = [g for g in generator for _ in range(candidates)]
+        else:
+            per_prompt = num_candidates or num_images_per_prompt
+            stage1_generator = generator
+        tokens = self.generate_stage1(requests, per_prompt, settings, stage1_generator, stage1_batch_size,
                                       callback_on_step_end, tensor_inputs)
 
-        # 2. post-selection: keep the best-scored candidates of each prompt
+        # 2. post-selection: keep the best-scored candidates of each prompt (of each image with a generator list)
         scores = None
         if num_candidates is not None:
-            tokens, scores, kept = self.select_candidates(tokens, requests, num_images_per_prompt, stage1_batch_size)
+            if per_image:
+                groups = [request for request in requests for _ in range(num_images_per_prompt)]
+                tokens, scores, kept = self.select_candidates(tokens, groups, 1, stage1_batch_size)
+            else:
+                tokens, scores, kept = self.select_candidates(tokens, requests, num_images_per_prompt,
+                                                              stage1_batch_size)
             tokens = self._step_callback(callback_on_step_end, tensor_inputs, "selection", 0, tokens, kept.cpu())
             scores = scores.cpu()
 
@@ -979,7 +1216,7 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
                                                      callback=callback_on_step_end, tensor_inputs=tensor_inputs)
 
         # 4. decode
-        if output_type == "tokens":
+        if not decode:
             images = tokens.cpu()
         else:
             upscale = 1
@@ -993,4 +1230,4 @@ class CogView2Pipeline(CogView2StagesMixin, DiffusionPipeline):
         return CogView2PipelineOutput(images=images, scores=scores)
 
 
-__all__ = ["CogView2Pipeline", "CogView2PipelineOutput", "CogView2StagesMixin", "PromptInput"]
+__all__ = ["CogView2Pipeline", "CogView2PipelineOutput", "CogView2StagesMixin", "PromptInput", "check_max_shard_size"]

@@ -29,7 +29,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from .image_processing_icevq import IceVQImageProcessor
-from .pipeline_cogview2 import OUTPUT_TYPES, CogView2PipelineOutput, CogView2StagesMixin
+from .pipeline_cogview2 import OUTPUT_TYPES, TOKEN_OUTPUT_TYPES, CogView2PipelineOutput, CogView2StagesMixin
 
 # The crop is chosen so that the mask's bounding box covers about 14/20 of it (≈3 stage-1 tokens of context on
 # each side), as the official completion script does.
@@ -81,7 +81,7 @@ def edit_order(low_res_mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.
 def _mask_to_tensor(mask_image: Any) -> torch.BoolTensor:
     """A mask as PIL image, numpy array or tensor (white / nonzero / True = edit) → bool `[H, W]`."""
     if isinstance(mask_image, PIL.Image.Image):
-        return torch.from_numpy(np.asarray(mask_image.convert("L")) > 127)
+        mask_image = np.array(mask_image.convert("L"))
     if isinstance(mask_image, np.ndarray):
         mask_image = torch.from_numpy(np.ascontiguousarray(mask_image))
     if not isinstance(mask_image, torch.Tensor):
@@ -97,7 +97,10 @@ def _mask_to_tensor(mask_image: Any) -> torch.BoolTensor:
     if mask.dtype == torch.bool:
         return mask
     if mask.dtype == torch.uint8:
-        return mask > 127
+        # 0/255 masks (images) and 0/1 masks (arrays of flags) are both common: only values above 1 mean 0..255
+        return mask > 127 if int(mask.max()) > 1 else mask > 0
+    if mask.is_floating_point() and not torch.isfinite(mask).all():
+        raise ValueError("mask_image contains NaN or inf; use 0/1 (or 0..255 for uint8) values")
     return mask.float() > 0.5
 
 
@@ -221,7 +224,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
         prompt_ids: Sequence[int] | torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
         style: str = "none",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -248,9 +251,10 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
             mask_box: instead of `mask_image`, `(top, left, bottom, right)` fractions of the square image.
             prompt_ids: instead of `prompt`, its token ids (one list; used as given).
             num_images_per_prompt: edited versions to return (the official script makes 4).
-            output_type: "pil", "np", "pt" (480×480 images) or "tokens" (the `[B, 60, 60]` grids of the final
-                image, after the VQ round trip).
-            generator, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs, sampler knobs,
+            output_type: "pil", "np", "pt" (480×480 images) or "tokens" / "latent" (the `[B, 60, 60]` grids of
+                the final image, after the VQ round trip).
+            generator: one `torch.Generator` or one per edited version (`num_images_per_prompt` of them).
+            return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs, sampler knobs,
                 batch sizes: as in `CogView2Pipeline.__call__`. The callback sees stage 1 (`image_tokens`: the
                 20×20 grid of the crop, -1 at masked cells not generated yet), "dsr" (after the original tokens are
                 restored outside the mask) and every "itersr" pass, for the crop.
@@ -282,7 +286,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
             self._check_batch_size(name, value)
         tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
-        self._check_generator(generator, device)
+        self._check_generator(generator, device, num_images_per_prompt)
         self._warn_if_half_on_cpu(device)
         requests = self.encode_prompts(prompt, prompt_ids, style, super_resolution=True)
         if len(requests) != 1:
@@ -310,7 +314,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
                         grid.expand(size, -1),
                         generation_cells,
                         settings,
-                        generator,
+                        generator[start : start + size] if isinstance(generator, list) else generator,
                         callback_on_step_end,
                         tensor_inputs,
                         torch.arange(start, start + size),
@@ -344,7 +348,7 @@ class CogView2InpaintPipeline(CogView2StagesMixin, DiffusionPipeline):
         pasted = edit.image.to(crops.device).expand(crops.shape[0], -1, -1, -1).clone()
         pasted[:, :, crop_top : crop_top + crop_side, crop_left : crop_left + crop_side] = crops.clamp(0, 1)
         final_tokens = torch.cat([self._encode(chunk) for chunk in pasted.split(sr_batch_size)])
-        if output_type == "tokens":
+        if output_type in TOKEN_OUTPUT_TYPES:
             images = final_tokens.cpu()
         else:
             images = self.decode(final_tokens, output_type, sr_batch_size)

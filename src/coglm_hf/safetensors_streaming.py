@@ -93,7 +93,8 @@ def parse_size(size: int | str) -> int:
     """``"5GB"`` → 5·10⁹ bytes (also KB, MB, KiB, MiB, GiB, or a plain number)."""
     if isinstance(size, int):
         return size
-    factors = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    factors = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+               "TIB": 2**40}
     text = str(size).strip().upper()
     for unit, factor in sorted(factors.items(), key=lambda item: -len(item[0])):
         if text.endswith(unit):

@@ -41,6 +41,11 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise TypeError(f"logits must be floating point (fp32, fp16 or bf16), got {logits.dtype}.")
     if logits.ndim == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., vocab] with vocab >= 1, got {tuple(logits.shape)}.")
+    # -inf marks excluded ids; NaN, +inf or a row with nothing left would make every sampler (argmax included)
+    # return garbage silently
+    if logits.numel() and not logits.is_meta and not torch.compiler.is_compiling() and bool((logits.isnan() | logits.isposinf()).any() | logits.isneginf().all(-1).any()):
+        raise ValueError("logits contain NaN or +inf (or a row that is all -inf): the model produced non-finite "
+                         "values; check its weights, and in float16 try bfloat16 or float32.")
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:

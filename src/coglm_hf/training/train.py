@@ -27,6 +27,8 @@ frozen; iterative SR finetunes everything on the masked-cell objective.
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import json
 import logging
 import math
@@ -39,7 +41,8 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
 from ..modeling_coglm import CogLMForMaskedRegions
@@ -112,10 +115,59 @@ def load_config(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found (shipped examples: {CONFIG_DIR})")
     text = path.read_text()
-    config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping of sections (stage, model, data, collator, training)")
     return config
+
+
+TOP_LEVEL_KEYS = frozenset({
+    "stage", "model", "model_config", "init_from_base", "trainable_parameters", "model_dtype", "attn_implementation",
+    "resume_from_checkpoint", "stop_at_step", "data", "collator", "training", "prepare_data_only",
+})
+DATA_KEYS = frozenset({
+    "cache_dir", "eval_cache_dir", "update_cache", "image_folder", "caption_suffix", "second_caption_suffix",
+    "hf_dataset", "hf_split", "image_column", "text_column", "second_text_column", "vq_model", "tokenizer",
+    "image_size", "hires_size", "min_image_size", "encode_batch_size", "decode_workers",
+})
+
+
+def _unknown_keys_message(where: str, unknown: list[str], known) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        if close:
+            hints.append(f"{key!r} → {close[0]!r}?")
+    return f"unknown {where} {unknown}" + (f" (did you mean {', '.join(hints)})" if hints else "")
+
+
+def validate_config(config: dict) -> None:
+    """Refuse keys the trainer would silently ignore: unknown top-level keys (a ``TrainingArguments`` field belongs
+    under ``training:``), unknown ``data:`` keys, sections that are not mappings and unknown collator arguments."""
+    unknown = sorted(set(config) - TOP_LEVEL_KEYS)
+    if unknown:
+        training_fields = {f.name for f in fields(TrainingArguments)}
+        misplaced = [key for key in unknown if key in training_fields]
+        hint = (f"; {misplaced} are TrainingArguments fields: put them under training: (or pass --{misplaced[0]} "
+                "VALUE)" if misplaced else "")
+        raise ValueError(_unknown_keys_message("config keys", unknown, TOP_LEVEL_KEYS) + hint
+                         + f"; known keys: {sorted(TOP_LEVEL_KEYS)}")
+    for section in ("data", "collator", "training"):
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ValueError(f"config section {section!r} must be a mapping of fields, got {config[section]!r}")
+    unknown = sorted(set(config.get("data") or {}) - DATA_KEYS)
+    if unknown:
+        raise ValueError(_unknown_keys_message("data: keys", unknown, DATA_KEYS) + f"; known: {sorted(DATA_KEYS)}")
+    stage = STAGES.get(config.get("stage"))
+    if stage is not None and config.get("collator"):
+        accepted = set(inspect.signature(stage.collator_class).parameters) - {"config", "self"}
+        unknown = sorted(set(config["collator"]) - accepted)
+        if unknown:
+            raise ValueError(_unknown_keys_message(f"collator: keys for stage {stage.name}", unknown, accepted)
+                             + f"; {stage.collator_class.__name__} accepts {sorted(accepted)}")
 
 
 def _parse_value(text: str):
@@ -132,8 +184,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Apply ``--key value`` / ``--key=value`` pairs: dotted keys address a section (``data.cache_dir``), top-level
     keys of the config format are set as such, any other plain key is a ``TrainingArguments`` field."""
     config = json.loads(json.dumps(config))  # deep copy
-    top_level = {"stage", "model", "model_config", "init_from_base", "trainable_parameters", "model_dtype",
-                 "attn_implementation", "resume_from_checkpoint", "stop_at_step", "data", "collator", "training"}
+    top_level = TOP_LEVEL_KEYS
     index = 0
     while index < len(overrides):
         item = overrides[index]
@@ -399,20 +450,45 @@ class GracefulStopCallback(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+def _checkpoint_is_complete(folder: Path) -> bool:
+    """The Trainer writes ``trainer_state.json`` last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def resolve_checkpoint(value, output_dir: str) -> str | None:
-    """``true`` → the last ``checkpoint-N`` in ``output_dir`` (None when there is none), ``false`` → None, a path →
-    itself (must exist)."""
+    """``true`` → the last complete ``checkpoint-N`` in ``output_dir`` (None when there is none; checkpoints cut
+    short by a kill are skipped with a warning), ``false`` → None, a path → itself (must be a complete
+    checkpoint)."""
     if value in (None, False):
         return None
     if value is True:
-        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if not Path(output_dir).is_dir():
+            return None
+        checkpoints = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                       if p.is_dir() and p.name.rpartition("-")[2].isdigit()]
+        for checkpoint in sorted(checkpoints, key=lambda p: int(p.name.rpartition("-")[2]), reverse=True):
+            if _checkpoint_is_complete(checkpoint):
+                return str(checkpoint)
+            logger.warning("skipping %s: incomplete (no %s; the run was stopped while saving it)", checkpoint,
+                           TRAINER_STATE_NAME)
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"resume_from_checkpoint must be true, false or a checkpoint folder, got {value!r}")
     if not Path(value).is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint {value!r} does not exist")
+    if not _checkpoint_is_complete(Path(value)):
+        raise ValueError(f"{value} is an incomplete checkpoint (no readable {TRAINER_STATE_NAME}: the run was stopped "
+                         "while saving it); resume from an earlier checkpoint or with --resume true")
     return str(value)
 
 
 def build_trainer(config: dict) -> Trainer:
     """Model, datasets, collator, ``TrainingArguments`` and callbacks of one stage as a ``Trainer``."""
+    validate_config(config)
     stage_name = config.get("stage")
     if stage_name not in STAGES:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage_name!r} (--stage)")
