@@ -204,6 +204,7 @@ def convert_cogview2(
     torch_dtype = DTYPES[dtype]
     given = {"coglm": coglm_dir, "dsr": dsr_dir, "itersr": itersr_dir}
     with sat_model_folders(sat_dir, given, output_dir.absolute().parent) as folders:
+        check_output_dir(output_dir, overwrite, folders.values())  # the model folders found in sat_dir
         # 1. read and check every input before writing anything (one checkpoint in memory at a time)
         models, digests = {}, {}
         for kind, folder in folders.items():
