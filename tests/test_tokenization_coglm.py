@@ -280,3 +280,47 @@ def test_config_must_match_vocabulary(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="<start_of_image> has id"):
         CogLMTokenizer.from_pretrained(tmp_path, boi_token_id=150000)
+
+
+def test_added_special_tokens_round_trip_unsplit_without_moving_icetk_ids(spm_files, tmp_path, sp):
+    tokenizer = CogLMTokenizer.from_sentencepiece(spm_files / "text.model", text_token_offset=OFFSET,
+                                                  model_max_length=77)
+    layout = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<unk>", "<pad>", *SPECIALS)}
+    text = "a photo of 一只猫 在河边"
+    before = tokenizer.encode(text)
+    assert tokenizer.add_special_tokens({"additional_special_tokens": ["<caption_end>"]}) == 1
+    assert tokenizer.add_tokens(["<region>"]) == 1
+    assert tokenizer.add_special_tokens({"pad_token": "[PAD]"}) == 1  # a new pad token is accepted
+    new_ids = tokenizer.convert_tokens_to_ids(["<caption_end>", "<region>", "[PAD]"])
+    assert min(new_ids) >= len(sp) + OFFSET + 3  # after the icetk layout: no existing id moves
+    assert tokenizer.pad_token_id == new_ids[2]
+    with_added = "a cat<caption_end> dog <region>"
+    ids = tokenizer.encode(with_added)
+    assert new_ids[0] in ids and new_ids[1] in ids  # matched as units, not segmented
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a cat dog <region>"
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CogLMTokenizer.from_pretrained(tmp_path)
+    assert loaded.convert_tokens_to_ids(["<caption_end>", "<region>", "[PAD]"]) == new_ids
+    assert loaded.encode(with_added) == ids
+    assert loaded.pad_token == "[PAD]" and loaded.pad_token_id == new_ids[2]
+    assert "<caption_end>" in loaded.all_special_tokens
+    assert {token: loaded.convert_tokens_to_ids(token) for token in layout} == layout
+    assert loaded.encode(text) == before == [i + OFFSET for i in sp.encode(text)]
+    # the CogView2 tokens still segment like icetk (a leading one keeps the dummy-prefix piece before it)
+    assert loaded.tokenize("<start_of_image> cat") == ["▁", "<start_of_image>", "▁cat"]
+    assert loaded.model_max_length == 77
+
+
+def test_init_kwargs_record_the_constructor_arguments(spm_files, tmp_path):
+    tokenizer = CogLMTokenizer.from_sentencepiece(spm_files / "text.model", text_token_offset=OFFSET,
+                                                  padding_side="left", split_special_tokens=True)
+    for name, value in (("text_token_offset", OFFSET), ("boi_token_id", tokenizer.boi_token_id),
+                        ("padding_side", "left"), ("split_special_tokens", True), ("unk_token", "<unk>")):
+        assert tokenizer.init_kwargs[name] == value, name
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<caption_end>"]})
+    # split_special_tokens=True: added special tokens go through the segmenter, as asked
+    assert tokenizer.convert_tokens_to_ids("<caption_end>") not in tokenizer.encode("a<caption_end>")
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CogLMTokenizer.from_pretrained(tmp_path)
+    assert loaded.init_kwargs["padding_side"] == "left" and loaded.split_special_tokens

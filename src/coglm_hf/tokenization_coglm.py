@@ -23,6 +23,7 @@ segmenter exactly as in icetk (e.g. `"<start_of_image> cat"` gives `▁`, `<star
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import warnings
@@ -56,6 +57,8 @@ LISTED_VOCABULARY_SIZE = 300
 class UnknownWordsWarning(UserWarning):
     """A prompt has words the tokenizer has no pieces for: the model reads them as `<unk>`."""
 
+
+COGVIEW2_TOKENS = (BOI_TOKEN, START_OF_ENGLISH_TOKEN, START_OF_CHINESE_TOKEN)
 
 # sentencepiece ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -238,6 +241,15 @@ def _build_backend(spm: dict, text_token_offset: int, special_ids: dict[str, int
     return backend
 
 
+def _without_added_tokens(backend: Tokenizer, contents: tuple[str, ...]) -> Tokenizer:
+    """``backend`` without the added-vocabulary entries named ``contents`` (their vocabulary pieces stay)."""
+    if not any(token.content in contents for token in backend.get_added_tokens_decoder().values()):
+        return backend
+    state = json.loads(backend.to_str())
+    state["added_tokens"] = [token for token in state["added_tokens"] if token["content"] not in contents]
+    return Tokenizer.from_str(json.dumps(state))
+
+
 class CogLMTokenizer(PreTrainedTokenizerFast):
     r"""Text tokenizer of CogLM/CogView2 with icetk's ids (a `tokenizers`-backend Transformers tokenizer).
 
@@ -291,11 +303,20 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
                 "CogLMTokenizer needs a tokenizer.json (load a saved tokenizer with `CogLMTokenizer.from_pretrained("
                 "dir)`) or a sentencepiece model (`CogLMTokenizer.from_sentencepiece('ice_text.model')`)"
             )
-        kwargs.pop("extra_special_tokens", None)  # always the three CogView2 tokens, in id order
-        kwargs.pop("split_special_tokens", None)  # must stay True: specials are segmented like icetk does
+        # The three CogView2 tokens are Unigram pieces segmented like icetk does, never matched ahead of the
+        # segmenter as added tokens: keep them out of the added vocabulary (older saved files listed them there).
+        backend = _without_added_tokens(
+            tokenizer_object if tokenizer_object is not None else Tokenizer.from_file(tokenizer_file), COGVIEW2_TOKENS
+        )
+        added = kwargs.pop("added_tokens_decoder", None) or {}
+        added = {index: token for index, token in added.items() if str(token) not in COGVIEW2_TOKENS}
+        if added:
+            kwargs["added_tokens_decoder"] = added
+        extra = [token for token in kwargs.pop("extra_special_tokens", None) or [] if str(token) not in COGVIEW2_TOKENS]
+        if extra:
+            kwargs["extra_special_tokens"] = extra
         super().__init__(
-            tokenizer_file=tokenizer_file,
-            tokenizer_object=tokenizer_object,
+            tokenizer_object=backend,
             text_token_offset=text_token_offset,
             num_text_tokens=num_text_tokens,
             boi_token_id=boi_token_id,
@@ -304,8 +325,6 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
             unk_token=unk_token,
             pad_token=pad_token,
             chinese_piece_start=chinese_piece_start,
-            extra_special_tokens=[BOI_TOKEN, START_OF_ENGLISH_TOKEN, START_OF_CHINESE_TOKEN],
-            split_special_tokens=True,
             **kwargs,
         )
         self.text_token_offset = int(text_token_offset)
@@ -325,12 +344,17 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
             if found != token_id:
                 raise ValueError(f"{token} has id {found} in the vocabulary but the config says {token_id}; "
                                  "rebuild the tokenizer with CogLMTokenizer.from_sentencepiece")
+        first_added = max(expected.values()) + 1
         for name in ("unk_token", "pad_token"):
             token = getattr(self, name)
             token_id = self._tokenizer.token_to_id(token) if token is not None else None
-            if token is not None and (token_id is None or not self.text_token_offset <= token_id < text_end):
+            is_piece = token_id is not None and self.text_token_offset <= token_id < text_end
+            # a pad token may also be a token added after the icetk layout (`add_special_tokens({"pad_token": ...})`)
+            is_added = name == "pad_token" and token_id is not None and token_id >= first_added
+            if token is not None and not (is_piece or is_added):
                 raise ValueError(f"{name} {token!r} must be a sentencepiece piece (id in [{self.text_token_offset}, "
-                                 f"{text_end})), got id {token_id}")
+                                 f"{text_end})){' or an added token' if name == 'pad_token' else ''}, got id "
+                                 f"{token_id}")
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs):
@@ -467,11 +491,16 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
         return ids
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        # Image ids and reserved slots are not text: drop them instead of printing placeholder names.
+        # Image ids and reserved slots are not text: drop them instead of printing placeholder names. The three
+        # CogView2 tokens are vocabulary pieces, not added tokens, so `skip_special_tokens` drops them here.
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         specials = {self.boi_token_id, self.start_of_english_token_id, self.start_of_chinese_token_id}
-        token_ids = [int(i) for i in token_ids if self.is_text_token(int(i)) or int(i) in specials]
+        added = self.added_tokens_decoder
+        token_ids = [
+            int(i) for i in token_ids
+            if self.is_text_token(int(i)) or int(i) in added or (int(i) in specials and not skip_special_tokens)
+        ]
         return super()._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
