@@ -174,8 +174,13 @@ def test_demo_model_captions_held_out_scenes_above_chance(captioner):
                                                                                         "objects"))
     print(f"held-out captions: background {background:.2f} (chance {chance.background:.2f}), object colours "
           f"{colors:.2f} (chance {chance.colors:.3f}), objects {objects:.2f} (chance {chance.objects:.3f})")
-    assert background >= chance.background + 0.6
-    assert colors >= max(0.4, 5 * chance.colors)
+    assert background >= chance.background + 0.6  # measured 1.00 with the shipped (captioning-finetuned) model
+    assert colors >= max(0.6, 5 * chance.colors)  # measured 0.83
+    assert objects >= max(0.15, 10 * chance.objects)  # measured 0.33
+    # the finetune taught captions to end: they stop at <eos>, well before the text length
+    config = captioner.base_model.config
+    limit = min(config.max_text_length, config.boi_position_id - 1)
+    assert sum(len(ids[0]) < limit for ids in output.caption_ids) >= 0.9 * len(samples)
 
 
 def test_cli_caption_prints_one_caption_per_line(tmp_path, capsys):

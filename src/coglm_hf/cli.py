@@ -8,9 +8,9 @@
     coglm-hf caption photo.png --language en --num-captions 3          # image -> text
     coglm-hf serve                                                      # web app (pip install "coglm-hf[app]")
 
-Without --model, `generate`, `edit`, `caption`, `serve` and `evaluate` use the small demo model shipped inside the package (trained by
-this project on a procedural world of coloured shapes: it knows only its colour, shape and position words). For the
-real CogView2, `convert` the official files once, then pass --model. `coglm-hf <command> --help` lists every option
+Without --model, `generate`, `edit`, `caption`, `serve` and `evaluate` use the small demo model shipped inside the
+package (trained by this project on a procedural world of coloured shapes: it knows only its colour, shape and
+position words). For the real CogView2, `convert` the official files once, then pass --model. `coglm-hf <command> --help` lists every option
 with the values of the model it would load (pass --model before --help for another model).
 """
 
