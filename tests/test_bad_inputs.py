@@ -184,7 +184,7 @@ def _(c):
     CogLMForMaskedRegions.from_pretrained(c.tmp / "m")
 
 
-@case("config-missing-folder", OSError, "missing-model")
+@case("config-missing-folder", FileNotFoundError, "folder not found: .*missing-model")
 def _(c):
     CogLMConfig.from_pretrained(str(c.tmp / "missing-model"))
 
@@ -218,7 +218,11 @@ bad("itersr-grid", ValueError, "image_tokens",
     lambda c: c.pipe.itersr_model(input_ids=torch.tensor([[70]]), image_tokens=torch.zeros(1, 4, 4, dtype=torch.long)))
 bad("itersr-float-tokens", TypeError, "image_tokens",
     lambda c: c.pipe.itersr_model(input_ids=torch.tensor([[70]]), image_tokens=torch.zeros(1, 12, 12)))
-bad("score-captions-empty", ValueError, "caption",
+bad("model-missing-folder", FileNotFoundError, "folder not found: .*missing-model",
+    lambda c: CogLMForMaskedRegions.from_pretrained(c.tmp / "missing-model"))
+bad("score-captions-count", ValueError, r"need one caption per image \(2 images\), got 3",
+    lambda c: c.pipe.base_model.score_captions(torch.zeros(2, 16, dtype=torch.long), [[70], [71], [72]]))
+bad("score-captions-empty", ValueError, "a caption is empty",
     lambda c: c.pipe.base_model.score_captions(torch.zeros(1, 16, dtype=torch.long), [[]]))
 
 
@@ -281,7 +285,7 @@ bad("tokenizer-negative-offset", ValueError, "text_token_offset",
     lambda c: CogLMTokenizer.from_sentencepiece(c.spm, text_token_offset=-1))
 bad("tokenizer-unknown-style", ValueError, "unknown style", lambda c: c.pipe.tokenizer.encode_prompt("a cat", "cubism"))
 bad("tokenizer-prompt-not-str", TypeError, "text must be a str", lambda c: c.pipe.tokenizer.encode_prompt(3))
-bad("tokenizer-missing-folder", OSError, "missing-tokenizer",
+bad("tokenizer-missing-folder", FileNotFoundError, "folder not found: .*missing-tokenizer",
     lambda c: CogLMTokenizer.from_pretrained(str(c.tmp / "missing-tokenizer")))
 
 
@@ -615,6 +619,7 @@ def cli_case(name, match, *argv, setup=None):
         code, err = c.cli(*arguments)
         assert code == 1, (code, err)
         assert "Traceback" not in err
+        assert "Loading weights" not in err  # every mistake is caught before the model loads
         raise CliError(err)
 
     bad(f"cli-{name}", CliError, match, run)

@@ -446,6 +446,8 @@ def _load(pipeline_cls, args: argparse.Namespace):
     import torch
 
     device = _device(args.device)
+    if args.cpu_offload and device.type != "cuda":
+        raise ValueError("--cpu-offload needs a GPU (it moves each model to the GPU while it runs)")
     if args.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     else:
@@ -461,8 +463,6 @@ def _load(pipeline_cls, args: argparse.Namespace):
     _set_threads(args, describe_model(args.model))
     pipe = pipeline_cls.from_pretrained(folder, dtype=dtype)
     if args.cpu_offload:
-        if device.type != "cuda":
-            raise ValueError("--cpu-offload needs a GPU (it moves each model to the GPU while it runs)")
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
@@ -511,12 +511,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     prompts = list(args.prompts) + list(args.prompt)
     if not prompts:
         raise ValueError('give at least one prompt, e.g. coglm-hf generate "a yellow circle on a black background"')
+    sampler_kwargs = _sampler_kwargs(args)  # bad option values fail before the model loads
     _check_writable(args.output_dir)
     pipe, generator = _load(CogView2Pipeline, args)
     output = pipe(
         prompt=prompts, num_images_per_prompt=args.num_images, num_candidates=args.num_candidates,
         style=args.style or "mainbody", only_first_stage=args.only_first_stage, generator=generator,
-        output_type="pil", **_sampler_kwargs(args),
+        output_type="pil", **sampler_kwargs,
     )
     names = [f"{p:02d}-{_slug(prompt)}-{i}" for p, prompt in enumerate(prompts) for i in range(args.num_images)]
     labels = [f"{prompt} (#{i}, seed {args.seed})" for prompt in prompts for i in range(args.num_images)]
@@ -536,10 +537,11 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
         except ValueError:
             raise ValueError(f"--box must be four comma-separated fractions top,left,bottom,right, got {args.box!r}") \
                 from None
+    sampler_kwargs = _sampler_kwargs(args)
     _check_writable(args.output_dir)
     pipe, generator = _load(CogView2InpaintPipeline, args)
     output = pipe(prompt=args.prompt, image=image, mask_image=mask, mask_box=box, num_images_per_prompt=args.num_images,
-                  style=args.style or "none", generator=generator, output_type="pil", **_sampler_kwargs(args))
+                  style=args.style or "none", generator=generator, output_type="pil", **sampler_kwargs)
     names = [f"edit-{_slug(args.prompt)}-{i}" for i in range(args.num_images)]
     labels = [f"{args.prompt} (#{i}, seed {args.seed})" for i in range(args.num_images)]
     return _save_images(output.images, names, labels, args)

@@ -6,12 +6,23 @@ This file ships with every converted checkpoint (remote code): it imports nothin
 from __future__ import annotations
 
 import math
+import os
 
 from transformers import PreTrainedConfig
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_local_folder(name_or_path) -> None:
+    """Raise ``FileNotFoundError`` for a local path that does not exist (absolute, ``./``, ``../``, ``~`` or more
+    than one ``/``): otherwise the Hub client reports it as an invalid repo id."""
+    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if text is None or os.path.exists(os.path.expanduser(text)):
+        return
+    if os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"folder not found: {text}; check the path (it is not a Hub repo id either)")
 
 
 class CogLMConfig(PreTrainedConfig):
@@ -90,6 +101,12 @@ class CogLMConfig(PreTrainedConfig):
     local_window: list[int] | tuple[int, int] = (9, 5)
     cross_window: list[int] | tuple[int, int] = (5, 5)
     sr_text_slots: int = 0
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As ``PreTrainedConfig.from_pretrained``; a local path that does not exist is a ``FileNotFoundError``."""
+        check_local_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def __post_init__(self, **kwargs):
         self._check_field_types()
@@ -222,4 +239,4 @@ class CogLMIterativeSRConfig(CogLMConfig):
             raise ValueError("Invalid CogLMIterativeSRConfig: hires_grid_size and sr_text_slots must be positive")
 
 
-__all__ = ["CogLMConfig", "CogLMDirectSRConfig", "CogLMIterativeSRConfig"]
+__all__ = ["CogLMConfig", "CogLMDirectSRConfig", "CogLMIterativeSRConfig", "check_local_folder"]

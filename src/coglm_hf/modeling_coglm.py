@@ -37,7 +37,7 @@ from .attention_masks import (
     packed_segment_ids,
     segments_from_cu_seq_lens,
 )
-from .configuration_coglm import CogLMConfig
+from .configuration_coglm import CogLMConfig, check_local_folder
 
 
 @dataclass
@@ -209,6 +209,13 @@ class CogLMPreTrainedModel(PreTrainedModel):
         "AutoModel": "modeling_coglm.CogLMModel",
         "AutoModelForMaskedLM": "modeling_coglm.CogLMForMaskedRegions",
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As ``PreTrainedModel.from_pretrained``; a local path that does not exist is a ``FileNotFoundError``
+        (instead of the Hub client's repo-id error)."""
+        check_local_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(
         self,
@@ -998,8 +1005,10 @@ class CogLMForMaskedRegions(CogLMWithTiedHead, GenerationMixin):
             captions = [list(caption_ids)] if single else [list(c) for c in caption_ids]
         if len(captions) == 1 and batch > 1:
             captions = captions * batch
-        if len(captions) != batch or any(len(c) == 0 for c in captions):
-            raise ValueError(f"need one non-empty caption per image ({batch}); got {len(captions)} captions")
+        if len(captions) != batch:
+            raise ValueError(f"need one caption per image ({batch} images), got {len(captions)} captions")
+        if any(len(c) == 0 for c in captions):
+            raise ValueError("a caption is empty; every caption needs at least one text id")
         tag = config.start_of_chinese_token_id if language_token_id is None else language_token_id
         caption_length = max(len(c) for c in captions)
         if caption_length + 1 > config.boi_position_id:

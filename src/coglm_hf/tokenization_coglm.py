@@ -284,6 +284,17 @@ class CogLMTokenizer(PreTrainedTokenizerFast):
     model_input_names = ["input_ids", "attention_mask"]
     style_templates = STYLE_TEMPLATES
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As ``PreTrainedTokenizerFast.from_pretrained``; a local path that does not exist is a
+        ``FileNotFoundError`` (instead of the Hub client's repo-id error)."""
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and not os.path.exists(os.path.expanduser(path)):
+            text = os.fspath(path)
+            if os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1:
+                raise FileNotFoundError(f"folder not found: {text}; check the path (it is not a Hub repo id either)")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def __init__(
         self,
         tokenizer_file: str | None = None,
