@@ -37,6 +37,7 @@ from coglm_hf.pipeline_cogview2_inpaint import CogView2InpaintPipeline
 from coglm_hf.sampling import cluster_sample, top_k_sample
 from coglm_hf.tokenization_coglm import CogLMTokenizer
 from coglm_hf.training.train import apply_overrides, build_trainer, load_config, resolve_checkpoint
+from coglm_hf.training.train import main as train_main
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "src" / "coglm_hf" / "training" / "configs"
 
@@ -798,6 +799,8 @@ bad("train-missing-model-config", FileNotFoundError, "model_config", lambda c: b
     c.train_config(model_config=str(c.tmp / "nothing.json"))))
 bad("train-no-cache-dir", ValueError, "data.cache_dir", lambda c: build_trainer(c.train_config(data={})))
 bad("train-no-output-dir", ValueError, "output_dir", lambda c: build_trainer(c.train_config(training={})))
+bad("train-cli-typo-in-data", ValueError, r"unknown data: keys \['cach_dir'\]", lambda c: train_main(
+    ["--stage", "base", "--prepare-data", "--data.cach_dir", str(c.tmp)]))
 bad("train-override-without-value", ValueError, "needs a value", lambda c: apply_overrides({}, ["--max_steps"]))
 bad("train-override-not-a-flag", ValueError, "unexpected argument", lambda c: apply_overrides({}, ["max_steps"]))
 bad("train-missing-config-file", FileNotFoundError, "config file", lambda c: load_config(c.tmp / "nothing.yaml"))

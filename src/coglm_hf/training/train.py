@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     if not config:
         return 0
+    validate_config(config)  # also before --prepare-data, which does not build a Trainer
     if config.pop("prepare_data_only", False):
         stage = STAGES[config.get("stage", "")] if config.get("stage") in STAGES else None
         if stage is None:
