@@ -251,5 +251,6 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
 
+
 if __name__ == "__main__":
     main()
