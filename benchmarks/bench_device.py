@@ -4,7 +4,8 @@ Parts (``--part``), each written as Markdown to stdout and as JSON to ``--json``
 
 * ``stage1``: a random-init CogLM at full width (hidden 3072, 48 layers, 48 heads: ~6B parameters, ~12 GB in
   bf16) generates 400 image tokens for a batch of 8 after a 17-token prompt, greedy, (a) with the dynamic KV cache
-  in eager mode, (b) with a static KV cache and the one-token step compiled (``torch.compile``, CUDA graphs).
+  in eager mode, (b) with a static KV cache and the one-token step compiled (``torch.compile`` with the options of
+  ``CogView2Pipeline.set_stage1_decoding("static", compile=True, mode="reduce-overhead")``: CUDA graphs).
   Both must give the same tokens. The weight-bandwidth bound is one read of all weights per step at the device's
   memory bandwidth (``--bandwidth-tbps``, default from the device name).
 * ``pipeline``: a full-width random-init pipeline (base + direct SR + iterative SR; small VQ decoder) on the GPU
@@ -123,7 +124,8 @@ def part_stage1(args, size: dict, device: torch.device, dtype: torch.dtype) -> d
     if args.dry_run:
         result["static_compiled"] = "skipped: the dry run compiles nothing (static cache checked eagerly)"
     else:
-        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        # the options of CogView2Pipeline.set_stage1_decoding("static", compile=True, mode="reduce-overhead")
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
         def step(token, pos):
             return compiled(token, position_ids=pos, past_key_values=cache, use_cache=True,
