@@ -6,14 +6,11 @@ other than the official 20×20 → 60×60 (which ``test_sr_parity.py`` covers ag
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_without_coglm_hf
 from safetensors.torch import load_file, save_file
 
 from coglm_hf.configuration_coglm import CogLMDirectSRConfig, CogLMIterativeSRConfig
@@ -32,7 +29,6 @@ BASE = dict(
 )
 DSR = dict(BASE, image_grid_size=10, hires_grid_size=30, sr_text_slots=8)
 ITERSR = dict(BASE, image_grid_size=6, hires_grid_size=18, sr_text_slots=4)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MASK = 200  # <start_of_image> doubles as the mask token of iterative SR
 
 
@@ -411,10 +407,11 @@ def test_iterative_sr_bad_inputs(itersr, change, message):
 
 # ---------------------------------------------------------------------------------------------- save and reload
 ROUND_TRIP = """
-import sys
-sys.path[:] = [p for p in sys.path if not p.startswith({src!r})]
-import importlib.util
-assert importlib.util.find_spec("coglm_hf") is None, "coglm_hf must not be importable here"
+try:
+    import coglm_hf  # noqa: F401
+    raise SystemExit("coglm_hf must not be importable here")
+except ImportError:
+    pass
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
@@ -444,11 +441,9 @@ def test_trust_remote_code_round_trip(dsr, itersr, tmp_path):
                                   "AutoModel": "modeling_coglm_sr.CogLMForDirectSuperResolution"}
     assert (tmp_path / "itersr" / "local_attention.py").is_file()
     save_file(inputs, tmp_path / "inputs.safetensors")
-    script = ROUND_TRIP.format(src=str(REPO_ROOT / "src"), inputs=str(tmp_path / "inputs.safetensors"),
-                               folder=str(tmp_path), result=str(tmp_path / "result.safetensors"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    script = ROUND_TRIP.format(inputs=str(tmp_path / "inputs.safetensors"), folder=str(tmp_path),
+                               result=str(tmp_path / "result.safetensors"))
+    run = run_without_coglm_hf(script, [], tmp_path)  # an installed coglm_hf is shadowed by a failing module
     assert run.returncode == 0, run.stderr[-3000:]
     result = load_file(tmp_path / "result.safetensors")
     with torch.no_grad():
