@@ -202,6 +202,21 @@ def test_beam_search_with_the_cache_equals_without(model):
     assert torch.equal(model.generate(ids, **settings), model.generate(ids, use_cache=False, **settings))
 
 
+def test_generation_continues_from_its_cache_and_left_padding_is_neutral(model):
+    ids = prompts(batch=2, seed=5)
+    reference = model.generate(ids, **GREEDY)
+    first = model.generate(ids, return_dict_in_generate=True, **{**GREEDY, "max_new_tokens": 3})
+    resumed = model.generate(first.sequences, past_key_values=first.past_key_values, **{**GREEDY, "max_new_tokens": 3})
+    assert torch.equal(resumed, reference)
+    padded = torch.cat([torch.zeros(2, 2, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, 2, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    for cache in ("dynamic", "static"):
+        assert torch.equal(model.generate(padded, attention_mask=mask, cache_implementation=cache, **GREEDY)[:, 2:],
+                           reference)
+    lookup = model.generate(ids[:1], prompt_lookup_num_tokens=3, **GREEDY)  # drafts from the prompt, cache cropped
+    assert torch.equal(lookup, reference[:1])
+
+
 # ------------------------------------------------------------------------------------------- (1) static cache, compile
 def compile_config():
     config = CompileConfig(fullgraph=True, backend="eager", mode="default")
