@@ -244,6 +244,9 @@ def _(c):
     assert out.shape == (0, 2, 16, 8)
     out = attend(batch=0, global_key=torch.randn(0, 2, 3, 8), global_value=torch.randn(0, 2, 3, 8))
     assert out.shape == (0, 2, 16, 8)
+    query = torch.randn(2, 0, 16, 8, requires_grad=True)  # no heads; still differentiable
+    (grad,) = torch.autograd.grad(attend(q=query, k=torch.randn(2, 0, 16, 8)).sum(), query)
+    assert grad.shape == query.shape
 
 
 bad("attention-query-not-tensor", TypeError, "query", lambda c: attend(q=[[1.0]]))

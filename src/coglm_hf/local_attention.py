@@ -884,8 +884,6 @@ def local_attention_2d(
         query, key, value, grid, key_grid, window, causal, cross_key, cross_value, cross_grid, cross_window,
         global_key, global_value, global_key_mask, scale,
     )  # fmt: skip
-    if query.shape[0] == 0 or query.shape[1] == 0:  # an empty batch (or no heads): nothing to attend
-        return query.new_empty(*query.shape[:3], value.shape[-1])
     windowed = [(key, value)] + ([(cross_key, cross_value)] if cross_key is not None else [])
     backend = _state["backend"]
     if backend in ("auto", "kernel"):
@@ -896,6 +894,10 @@ def local_attention_2d(
         kernel = _kernel_for(query, forced=backend == "triton", kind="triton")
         if kernel is not None:
             return _local_attention_kernel(kernel, problem, query, windowed, global_key, global_value, global_key_mask)
+    if query.shape[0] == 0 or query.shape[1] == 0:
+        # an empty batch (or no heads): an empty result, still connected to the inputs for autograd
+        empty = query.new_zeros(*query.shape[:3], value.shape[-1])
+        return empty + 0 * (query.sum() + key.sum() + value.sum())
     if backend == "flex":
         return _local_attention_flex(problem, query, windowed, global_key, global_value, global_key_mask)
     return _local_attention_torch(problem, query, windowed, global_key, global_value, global_key_mask)
