@@ -245,7 +245,28 @@ class CogLMPreTrainedModel(PreTrainedModel):
         )
 
 
-class CogLMDynamicCacheLayer(DynamicLayer):
+class _TextKeyRecord:
+    """What both CogLM cache layers do alike to their ``text_keys`` record when the cache reorders or moves keys."""
+
+    text_keys: torch.Tensor | None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.index_select(0, beam_idx.to(self.text_keys.device))
+
+    def offload(self):
+        super().offload()
+        if self.text_keys is not None:
+            self.text_keys = self.text_keys.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        super().prefetch()
+        if self.text_keys is not None and self.text_keys.device != self.device:
+            self.text_keys = self.text_keys.to(self.device, non_blocking=True)
+
+
+class CogLMDynamicCacheLayer(_TextKeyRecord, DynamicLayer):
     """A :class:`DynamicLayer` that also records which cached keys are text (``text_keys`` ``[batch, seq]`` bool).
 
     The text-attention bias ``c`` applies to text *keys*, including the cached ones, so the cache must remember them.
@@ -267,11 +288,6 @@ class CogLMDynamicCacheLayer(DynamicLayer):
         super().reset()
         self.text_keys = None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.text_keys is not None:
-            self.text_keys = self.text_keys.index_select(0, beam_idx.to(self.text_keys.device))
-
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         if self.text_keys is not None and tokens_to_remove < 0:
@@ -287,18 +303,8 @@ class CogLMDynamicCacheLayer(DynamicLayer):
         if self.text_keys is not None:
             self.text_keys = self.text_keys[indices]
 
-    def offload(self):
-        super().offload()
-        if self.text_keys is not None:
-            self.text_keys = self.text_keys.to("cpu", non_blocking=True)
 
-    def prefetch(self):
-        super().prefetch()
-        if self.text_keys is not None and self.text_keys.device != self.device:
-            self.text_keys = self.text_keys.to(self.device, non_blocking=True)
-
-
-class CogLMStaticCacheLayer(StaticLayer):
+class CogLMStaticCacheLayer(_TextKeyRecord, StaticLayer):
     """A :class:`StaticLayer` with a preallocated text-key record ``[batch, max_cache_len]`` written in place (the
     static, ``torch.compile``-friendly counterpart of :class:`CogLMDynamicCacheLayer`)."""
 
@@ -325,21 +331,6 @@ class CogLMStaticCacheLayer(StaticLayer):
         super().reset()
         if self.text_keys is not None:
             self.text_keys.zero_()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.text_keys is not None:
-            self.text_keys = self.text_keys.index_select(0, beam_idx.to(self.text_keys.device))
-
-    def offload(self):
-        super().offload()
-        if self.text_keys is not None:
-            self.text_keys = self.text_keys.to("cpu", non_blocking=True)
-
-    def prefetch(self):
-        super().prefetch()
-        if self.text_keys is not None and self.text_keys.device != self.device:
-            self.text_keys = self.text_keys.to(self.device, non_blocking=True)
 
 
 def text_key_record_layer(cache: Cache) -> CogLMDynamicCacheLayer | CogLMStaticCacheLayer:
