@@ -337,3 +337,24 @@ def test_bad_tensors():
     with pytest.raises(ValueError, match="global_key_mask` must have shape"):
         local_attention_2d(q, k, v, **geometry, global_key=g, global_value=g,
                            global_key_mask=torch.ones(2, 5, dtype=torch.bool))  # fmt: skip
+
+
+def check_real_sr_shape_on_cuda() -> None:
+    """With the backend already selected: the SR shape on the GPU (60x60, 9x5 + 5x5 cross window on 20x20 + 16 text
+    keys, 48 heads, bf16), forward and backward against the reference."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device="cuda", dtype=torch.bfloat16).requires_grad_()
+
+    q, k, v = (randn(2, 48, 3600, 64) for _ in range(3))
+    ck, cv, gk, gv = randn(1, 48, 400, 64), randn(1, 48, 400, 64), randn(2, 48, 16, 64), randn(2, 48, 16, 64)
+    mask = torch.arange(16, device="cuda")[None] >= torch.tensor([[3], [12]], device="cuda")
+    kwargs = dict(grid=(60, 60), window=(9, 5), cross_key=ck, cross_value=cv, cross_grid=(20, 20), cross_window=5,
+                  global_key=gk, global_value=gv, global_key_mask=mask)  # fmt: skip
+    grad_out = torch.randn_like(q)
+    out, grads = _run(local_attention_2d, [q, k, v, ck, cv, gk, gv], kwargs, grad_out)
+    ref, ref_grads = _run(local_attention_2d_reference, [q, k, v, ck, cv, gk, gv], kwargs, grad_out)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=3e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r.float(), rtol=0, atol=1.5e-1)
