@@ -134,6 +134,22 @@ def test_init_from_base_copies_backbone_and_tiles_positions(tmp_path):
     assert torch.equal(table[0], rows[33])
 
 
+
+def test_init_from_base_can_interpolate_the_position_table(tmp_path):
+    base = build_model(STAGES["base"], {"model_config": str(CONFIG_DIR / "tiny_base.json")}, seed=1)
+    base.save_pretrained(tmp_path / "base")
+    dsr = build_model(STAGES["dsr"], {"model_config": str(CONFIG_DIR / "tiny_dsr.json")}, seed=2)
+    init_from_base(dsr, tmp_path / "base", hires_positions="interpolate")
+    table, rows = dsr.transformer.hires_position_embeddings.weight, base.transformer.position_embeddings.weight
+    # 4×4 stage-1 grid -> 12×12: hi-res cell (R, C) sits at stage-1 coordinate ((R + ½)/3 − ½, (C + ½)/3 − ½);
+    # cell (4, 7) is the centre of stage-1 cell (1, 2), cell (0, 0) clamps to stage-1 cell (0, 0)
+    torch.testing.assert_close(table[4 * 12 + 7], rows[33 + 1 * 4 + 2])
+    torch.testing.assert_close(table[0], rows[33])
+    # cell (5, 4) lies a third of the way from stage-1 row 1 to row 2 (column 1): linear in between
+    torch.testing.assert_close(table[5 * 12 + 4], rows[33 + 1 * 4 + 1] * 2 / 3 + rows[33 + 2 * 4 + 1] / 3)
+    with pytest.raises(ValueError, match="hires_position_init must be one of"):
+        init_from_base(dsr, tmp_path / "base", hires_positions="nearest")
+
 # ---------------------------------------------------------------------------------------------- gradient accumulation
 def _one_step(stage, cache, tmp_path, batch, accumulation, naive=False):
     config = tiny_config(stage, cache, tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, weight_decay=0.0,
