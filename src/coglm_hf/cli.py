@@ -327,6 +327,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     parser.add_argument("--config", action="append", default=None, dest="configs",
                         help="run only this configuration (repeatable); default: all")
+    parser.add_argument("--shapes-per-kind", type=int, default=6,
+                        help="one-shape held-out prompts per shape kind for the shape table (default 6; 0: skip)")
     parser.add_argument("--edits", type=int, default=24,
                         help="editing trials for the editing table (0: skip; needs the SR stages)")
     parser.add_argument("--captions", type=int, default=24,

@@ -18,7 +18,10 @@ Configurations (the paper's claims about stage 1 and super-resolution):
   post-selection (best of `num_candidates` by caption likelihood);
 * the full pipeline (direct + iterative super-resolution), which must keep stage 1's adherence at 3× resolution.
 
-With the SR stages present, a second table measures text-guided editing (`coglm_hf.demo.evaluate_editing`). A third
+A second table measures shape accuracy on one-shape held-out prompts (`shape_rows`): whether the largest region of
+the prompted colour has the prompted shape, per kind and averaged over the four kinds (chance: 25 %).
+
+With the SR stages present, a third table measures text-guided editing (`coglm_hf.demo.evaluate_editing`). A fourth
 table measures captioning with the base model (`coglm_hf.demo.evaluate_captioning`).
 """
 
@@ -40,12 +43,14 @@ from .judge import judge, judge_scene
 from .shapes import (
     HIRES_SIZE,
     LOWRES_SIZE,
+    SHAPES,
     ShapesDataset,
     ShapesSample,
     caption_en,
     caption_zh,
     heldout_prompts,
     render,
+    single_object_prompts,
 )
 
 
@@ -78,41 +83,109 @@ def chance_row(prompts: list[ShapesSample], num_scenes: int = 200, seed: int = 0
     return _row("chance (random scenes)", [judge_scene(j, p.scene) for j in judgements for p in prompts])
 
 
-@torch.no_grad()
-def reference_rows(pipeline, prompts: list[ShapesSample]) -> list[EvalRow]:
-    """Ground-truth renders and their VQ round trip at the stage-1 and the super-resolution size."""
-    vq = pipeline.image_tokenizer
-    rows = [_row("ground truth renders", [judge_scene(judge(p.image(LOWRES_SIZE)), p.scene) for p in prompts])]
-    for size in (LOWRES_SIZE, HIRES_SIZE):
-        images = torch.stack([torch.from_numpy(np.asarray(render(p.scene, size), dtype=np.float32) / 255.0)
-                              .permute(2, 0, 1) for p in prompts]).to(vq.device, vq.dtype)
-        decoded = vq.decode(vq.encode(images)).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        rows.append(_row(f"VQ round trip {size} px", [judge_scene(judge(d), p.scene) for d, p in zip(decoded, prompts)]))
-    return rows
+def _renders(vq, scenes: list, size: int) -> torch.Tensor:
+    """`[B, 3, size, size]` renders of `scenes` in [0, 1], on the image tokenizer's device and dtype."""
+    return torch.stack([torch.from_numpy(np.asarray(render(scene, size), dtype=np.float32) / 255.0).permute(2, 0, 1)
+                        for scene in scenes]).to(vq.device, vq.dtype)
 
 
 @torch.no_grad()
-def super_resolution_rows(pipeline, prompts: list[ShapesSample], texts: list[str], seed: int = 0,
-                          **sampler: object) -> list[EvalRow]:
+def round_trip(vq, scenes: list, size: int) -> np.ndarray:
+    """Renders of `scenes` at `size` px after `encode`/`decode` by the image tokenizer: `[B, size, size, 3]` in [0, 1]."""
+    return vq.decode(vq.encode(_renders(vq, scenes, size))).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+
+@torch.no_grad()
+def super_resolve_ground_truth(pipeline, scenes: list, texts: list[str], seed: int = 0,
+                               **sampler: object) -> dict[str, tuple[np.ndarray, float]]:
     """The SR stages alone on ground-truth input: 80 px renders -> 10x10 tokens -> direct SR (-> iterative SR) ->
-    240 px, judged. Separates what super-resolution keeps from what stage 1 gets right."""
-    vq = pipeline.image_tokenizer
-    images = torch.stack([torch.from_numpy(np.asarray(render(p.scene, LOWRES_SIZE), dtype=np.float32) / 255.0)
-                          .permute(2, 0, 1) for p in prompts]).to(vq.device, vq.dtype)
-    low_res = vq.encode(images)
+    240 px. Returns name -> (decoded images `[B, 240, 240, 3]`, seconds since the start)."""
+    low_res = pipeline.image_tokenizer.encode(_renders(pipeline.image_tokenizer, scenes, LOWRES_SIZE))
     ids = [pipeline.tokenizer.encode_prompt(text)[:-1] for text in texts]
     settings = pipeline.scheduler.sampler_settings("mainbody", **sampler)
     generator = torch.Generator(pipeline.device).manual_seed(seed)
-    rows = []
     start = time.perf_counter()
     high = pipeline.direct_super_resolution(low_res, ids, settings, generator, batch_size=4)
-    for name, tokens in (("direct SR", high), ("direct + iterative SR",
-                                                pipeline.iterative_super_resolution(high, ids, settings, generator, 4))):
-        decoded = pipeline.decode(tokens, "np", 4)
-        rows.append(_row(f"{name} of ground-truth 80 px tokens",
-                         [judge_scene(judge(d), p.scene) for d, p in zip(decoded, prompts)],
-                         time.perf_counter() - start))
+    outputs = {"direct SR": (pipeline.decode(high, "np", 4), time.perf_counter() - start)}
+    refined = pipeline.iterative_super_resolution(high, ids, settings, generator, 4)
+    outputs["direct + iterative SR"] = (pipeline.decode(refined, "np", 4), time.perf_counter() - start)
+    return outputs
+
+
+def reference_rows(pipeline, prompts: list[ShapesSample]) -> list[EvalRow]:
+    """Ground-truth renders and their VQ round trip at the stage-1 and the super-resolution size."""
+    scenes = [p.scene for p in prompts]
+    rows = [_row("ground truth renders", [judge_scene(judge(p.image(LOWRES_SIZE)), p.scene) for p in prompts])]
+    for size in (LOWRES_SIZE, HIRES_SIZE):
+        decoded = round_trip(pipeline.image_tokenizer, scenes, size)
+        rows.append(_row(f"VQ round trip {size} px", [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)]))
     return rows
+
+
+def super_resolution_rows(pipeline, prompts: list[ShapesSample], texts: list[str], seed: int = 0,
+                          **sampler: object) -> list[EvalRow]:
+    """Rows of `super_resolve_ground_truth`: what super-resolution keeps, apart from what stage 1 gets right."""
+    outputs = super_resolve_ground_truth(pipeline, [p.scene for p in prompts], texts, seed, **sampler)
+    return [_row(f"{name} of ground-truth 80 px tokens", [judge_scene(judge(d), p.scene)
+                                                          for d, p in zip(decoded, prompts)], seconds)
+            for name, (decoded, seconds) in outputs.items()]
+
+
+@dataclass
+class ShapeRow:
+    name: str
+    shape: float  # mean over the kinds of the per-kind accuracies
+    per_kind: dict[str, float]
+    colors: float  # the prompted colour present, any shape
+    images: int
+    seconds_per_image: float | None
+
+
+def _shape_row(name: str, verdicts: list, kinds: list[str], seconds: float | None = None) -> ShapeRow:
+    per_kind = {kind: float(np.mean([v.shapes for v, k in zip(verdicts, kinds) if k == kind])) for kind in SHAPES}
+    return ShapeRow(name, float(np.mean(list(per_kind.values()))), per_kind,
+                    float(np.mean([v.colors for v in verdicts])), len(verdicts),
+                    None if seconds is None else seconds / len(verdicts))
+
+
+def shape_rows(pipeline, per_shape: int = 6, images_per_prompt: int = 2, seed: int = 0) -> list[ShapeRow]:
+    """Shape accuracy on one-shape held-out prompts (`single_object_prompts`): does the largest region of the
+    prompted colour have the prompted shape? Reference rows (renders, VQ round trips, the SR stages on ground-truth
+    tokens), then stage 1 and the full pipeline, `images_per_prompt` images per prompt."""
+    samples = single_object_prompts(per_shape)
+    scenes, texts = [s.scene for s in samples], [s.caption_en for s in samples]
+    kinds = [scene.shapes[0].kind for scene in scenes]
+    rows = [_shape_row("ground truth renders", [judge_scene(judge(s.image(HIRES_SIZE)), s.scene) for s in samples],
+                       kinds)]
+    for size in (LOWRES_SIZE, HIRES_SIZE):
+        decoded = round_trip(pipeline.image_tokenizer, scenes, size)
+        rows.append(_shape_row(f"VQ round trip {size} px", [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)],
+                               kinds))
+    if pipeline.dsr_model is not None and pipeline.itersr_model is not None:
+        decoded, seconds = super_resolve_ground_truth(pipeline, scenes, texts, seed)["direct + iterative SR"]
+        rows.append(_shape_row("direct + iterative SR of ground-truth 80 px tokens",
+                               [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)], kinds, seconds))
+    repeated = [scene for scene in scenes for _ in range(images_per_prompt)]
+    for name, kwargs in (("stage 1", {"only_first_stage": True}), ("full pipeline", {})):
+        if name == "full pipeline" and (pipeline.dsr_model is None or pipeline.itersr_model is None):
+            continue
+        start = time.perf_counter()
+        images = generate(pipeline, texts, images_per_prompt, seed, **kwargs)
+        rows.append(_shape_row(name, [judge_scene(judge(image), scene) for image, scene in zip(images, repeated)],
+                               [kind for kind in kinds for _ in range(images_per_prompt)],
+                               time.perf_counter() - start))
+    return rows
+
+
+def format_shape_table(rows: list[ShapeRow]) -> str:
+    """Markdown table of the shape rows."""
+    lines = ["| one-shape prompts | shape | " + " | ".join(SHAPES) + " | colour | images | s / image |",
+             "|---|---|" + "---|" * len(SHAPES) + "---|---|---|"]
+    for row in rows:
+        speed = "–" if row.seconds_per_image is None else f"{row.seconds_per_image:.2f}"
+        kinds = " | ".join(f"{row.per_kind[kind]:.0%}" for kind in SHAPES)
+        lines.append(f"| {row.name} | {row.shape:.1%} | {kinds} | {row.colors:.1%} | {row.images} | {speed} |")
+    return "\n".join(lines)
 
 
 def configurations(pipeline, num_candidates: int = 4) -> dict[str, dict]:
@@ -229,11 +302,18 @@ def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
 
     if args.edits < 0:
         raise ValueError(f"--edits must be >= 0, got {args.edits}")
+    if args.shapes_per_kind < 0:
+        raise ValueError(f"--shapes-per-kind must be >= 0, got {args.shapes_per_kind}")
     if args.captions < 0:
         raise ValueError(f"--captions must be >= 0, got {args.captions}")
     pipeline = CogView2Pipeline.from_pretrained(args.model or default_model_path())
     rows = evaluate(pipeline, args.prompts, args.images_per_prompt, args.seed, args.configs, args.grid)
     print(format_table(rows))
+    shapes = []
+    if args.shapes_per_kind:
+        shapes = shape_rows(pipeline, args.shapes_per_kind, args.images_per_prompt, args.seed)
+        print()
+        print(format_shape_table(shapes))
     edits = []
     if args.edits and pipeline.dsr_model is not None and pipeline.itersr_model is not None:
         edits = editing_rows(pipeline, args.edits, args.images_per_prompt, args.seed, args.edit_grid)
@@ -246,7 +326,8 @@ def run_evaluate(args: argparse.Namespace) -> list[EvalRow]:
         print()
         print(format_caption_table(captions))
     if args.json:
-        report = {"generation": [asdict(r) for r in rows], "editing": [asdict(r) for r in edits],
+        report = {"generation": [asdict(r) for r in rows], "shapes": [asdict(r) for r in shapes],
+                  "editing": [asdict(r) for r in edits],
                   "captioning": [asdict(r) for r in captions]}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return rows

@@ -132,6 +132,7 @@ class SceneScore:
 
     background: bool
     colors: bool  # background right and every prompted colour present (any shape)
+    shapes: bool  # every prompted colour's largest region has the prompted shape (background ignored)
     adherence: bool
     relation: bool | None  # two-shape prompts: the two objects are in the prompted order (None otherwise)
 
@@ -141,7 +142,8 @@ def judge_scene(judgement: Judgement, scene: Scene) -> SceneScore:
     background = judgement.background == scene.background
     found_colors = {color for color, _, _, _ in judgement.objects}
     colors = background and all(shape.color in found_colors for shape in scene.shapes)
-    adherence = background and all((s.color, s.kind) in judgement.pairs for s in scene.shapes)
+    shapes = all((s.color, s.kind) in judgement.pairs for s in scene.shapes)
+    adherence = background and shapes
     relation = None
     if scene.relation is not None and len(scene.shapes) == 2:
         where = {color: (x, y) for color, _, x, y in judgement.objects}
@@ -151,7 +153,7 @@ def judge_scene(judgement: Judgement, scene: Scene) -> SceneScore:
         else:
             axis, sign = {"above": (1, -1), "below": (1, 1), "left of": (0, -1), "right of": (0, 1)}[scene.relation]
             relation = sign * (first[axis] - second[axis]) > 0
-    return SceneScore(background, colors, adherence, relation)
+    return SceneScore(background, colors, shapes, adherence, relation)
 
 
 __all__ = ["JUDGE_SIZE", "Judgement", "SceneScore", "judge", "judge_scene", "shape_prototypes"]

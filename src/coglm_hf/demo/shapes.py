@@ -44,6 +44,7 @@ RELATIONS = ("above", "below", "left of", "right of")
 RELATION_WORDS = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 RELATIONS_ZH = {"above": "上方", "below": "下方", "left of": "左边", "right of": "右边"}
 HELD_OUT_MODULUS = 8
+SINGLE_RADII = (32.0, 52.0)  # the two sizes of a lone shape ("small", "large")
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _article(word: str) -> str:
 
 
 def _phrase(shape: Shape, with_size: bool) -> str:
-    size = ("small " if shape.radius < 40 else "large ") if with_size else ""
+    size = ("small " if shape.radius < SINGLE_RADII[1] else "large ") if with_size else ""
     words = f"{size}{shape.color} {shape.kind}"
     return f"{_article(words)} {words}"
 
@@ -156,7 +157,7 @@ def caption_zh(scene: Scene, rng: random.Random | None = None) -> str:
 def _place(num_shapes: int, relation: str | None, rng: random.Random) -> list[tuple[float, float, float]]:
     """Centres and radii (240 px canvas) that do not overlap and respect the relation of two-shape scenes."""
     if num_shapes == 1:
-        radius = rng.choice((32.0, 52.0))
+        radius = rng.choice(SINGLE_RADII)
         return [(120 + rng.uniform(-25, 25), 120 + rng.uniform(-25, 25), radius)]
     if num_shapes == 2:
         radius = [rng.uniform(30, 40), rng.uniform(30, 40)]
@@ -250,6 +251,27 @@ def heldout_prompts(num_prompts: int = 24, seed: int = 1234) -> list[ShapesSampl
     return samples
 
 
+def single_object_prompts(per_shape: int = 6) -> list[ShapesSample]:
+    """`per_shape` held-out one-shape prompts of every kind ("a red star on a green background"), kinds in the order of
+    `SHAPES`, for the shape-accuracy evaluation.
+
+    Every held-out (background, colour, kind) key of a kind is used in a fixed order, cycling when a kind has fewer
+    keys than `per_shape` (the world holds out 3 circle keys and 5 star keys). The scenes are centred and alternate
+    between the two single-shape sizes, so that the reference rows (renders, VQ round trips) see both.
+    """
+    if not isinstance(per_shape, int) or per_shape <= 0:
+        raise ValueError(f"per_shape must be a positive int, got {per_shape!r}")
+    samples = []
+    for kind in SHAPES:
+        keys = [(background, color) for background in COLORS for color in COLORS
+                if color != background and is_held_out(scene_key(background, [(color, kind)]))]
+        for i in range(per_shape):
+            background, color = keys[i % len(keys)]
+            scene = Scene(background, (Shape(kind, color, 120.0, 120.0, SINGLE_RADII[i % 2]),))
+            samples.append(ShapesSample(scene, caption_en(scene), caption_zh(scene)))
+    return samples
+
+
 def export_image_folder(folder: str | Path, count: int, seed: int = 0, split: str = "train") -> list[Path]:
     """Write `count` scenes as an image folder for `coglm_hf.training` (`image_folder_records`): `shapes-NNNNNN.png`
     (240 px) with its English caption in `shapes-NNNNNN.txt` and its Chinese caption in `shapes-NNNNNN.zh.txt`.
@@ -280,6 +302,7 @@ __all__ = [
     "HIRES_SIZE",
     "LOWRES_SIZE",
     "SHAPES",
+    "SINGLE_RADII",
     "Scene",
     "Shape",
     "ShapesDataset",
@@ -293,6 +316,7 @@ __all__ = [
     "random_scene",
     "render",
     "scene_key",
+    "single_object_prompts",
 ]
 
 
