@@ -161,14 +161,14 @@ def shape_rows(pipeline, per_shape: int = 6, images_per_prompt: int = 2, seed: i
         decoded = round_trip(pipeline.image_tokenizer, scenes, size)
         rows.append(_shape_row(f"VQ round trip {size} px", [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)],
                                kinds))
-    if pipeline.dsr_model is not None and pipeline.itersr_model is not None:
+    has_sr = pipeline.dsr_model is not None and pipeline.itersr_model is not None
+    if has_sr:
         decoded, seconds = super_resolve_ground_truth(pipeline, scenes, texts, seed)["direct + iterative SR"]
         rows.append(_shape_row("direct + iterative SR of ground-truth 80 px tokens",
                                [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)], kinds, seconds))
     repeated = [scene for scene in scenes for _ in range(images_per_prompt)]
-    for name, kwargs in (("stage 1", {"only_first_stage": True}), ("full pipeline", {})):
-        if name == "full pipeline" and (pipeline.dsr_model is None or pipeline.itersr_model is None):
-            continue
+    stages = [("stage 1", {"only_first_stage": True})] + ([("full pipeline", {})] if has_sr else [])
+    for name, kwargs in stages:
         start = time.perf_counter()
         images = generate(pipeline, texts, images_per_prompt, seed, **kwargs)
         rows.append(_shape_row(name, [judge_scene(judge(image), scene) for image, scene in zip(images, repeated)],
