@@ -134,7 +134,6 @@ def test_init_from_base_copies_backbone_and_tiles_positions(tmp_path):
     assert torch.equal(table[0], rows[33])
 
 
-
 def test_init_from_base_can_interpolate_the_position_table(tmp_path):
     base = build_model(STAGES["base"], {"model_config": str(CONFIG_DIR / "tiny_base.json")}, seed=1)
     base.save_pretrained(tmp_path / "base")
@@ -149,6 +148,9 @@ def test_init_from_base_can_interpolate_the_position_table(tmp_path):
     torch.testing.assert_close(table[5 * 12 + 4], rows[33 + 1 * 4 + 1] * 2 / 3 + rows[33 + 2 * 4 + 1] / 3)
     with pytest.raises(ValueError, match="hires_position_init must be one of"):
         init_from_base(dsr, tmp_path / "base", hires_positions="nearest")
+    with pytest.raises(ValueError, match="hires_position_init only applies with init_from_base"):
+        build_model(STAGES["dsr"], {"model_config": str(CONFIG_DIR / "tiny_dsr.json"),
+                                    "hires_position_init": "interpolate"})
 
 # ---------------------------------------------------------------------------------------------- gradient accumulation
 def _one_step(stage, cache, tmp_path, batch, accumulation, naive=False):

@@ -127,8 +127,8 @@ def load_config(path: str | os.PathLike) -> dict:
 
 
 TOP_LEVEL_KEYS = frozenset({
-    "stage", "model", "model_config", "init_from_base", "hires_position_init", "trainable_parameters", "model_dtype", "attn_implementation",
-    "resume_from_checkpoint", "stop_at_step", "data", "collator", "training", "prepare_data_only",
+    "stage", "model", "model_config", "init_from_base", "hires_position_init", "trainable_parameters", "model_dtype",
+    "attn_implementation", "resume_from_checkpoint", "stop_at_step", "data", "collator", "training", "prepare_data_only",
 })
 DATA_KEYS = frozenset({
     "cache_dir", "eval_cache_dir", "update_cache", "image_folder", "caption_suffix", "second_caption_suffix",
@@ -336,6 +336,9 @@ def build_model(stage: StageSpec, config: dict, seed: int = 42) -> PreTrainedMod
     if not isinstance(model.config, stage.config_class):
         raise ValueError(f"{path} holds a {type(model.config).__name__}, stage {stage.name} needs "
                          f"{stage.config_class.__name__}; for SR training from a base model use init_from_base")
+    if "hires_position_init" in config and not config.get("init_from_base"):
+        raise ValueError("hires_position_init only applies with init_from_base (a fresh SR model started from a base "
+                         "model); remove it or set init_from_base")
     if config.get("init_from_base"):
         if stage.name == "base":
             raise ValueError("init_from_base is for the SR stages; for the base stage use model: PATH")
