@@ -159,6 +159,50 @@ def test_config_is_validated():
         IceVQModel(decoder_channel_mults=((1, 1, 1, 2, 4), (1, 2, 4), (1, 2, 4)))
     with pytest.raises(ValueError, match="compress_rate"):
         IceVQModel(compress_rate=2)
+    with pytest.raises(ValueError, match="encoder_type"):
+        IceVQModel(encoder_type="resnet")
+
+
+def _patch_vq() -> IceVQModel:
+    torch.manual_seed(0)
+    return IceVQModel(channels=16, z_channels=16, embedding_dim=8, num_embeddings=64,
+                      encoder_channel_mult=(1, 2, 4, 4), encoder_num_res_blocks=2,
+                      decoder_channel_mults=((1, 2, 4, 4),), norm_num_groups=8, resolution=32, attn_resolutions=(),
+                      encoder_type="patch").eval()
+
+
+def test_patch_encoder_is_local():
+    """Every code of the patch encoder depends on its own 8x8 pixels only; icetk's encoder sees its neighbours."""
+    torch.manual_seed(1)
+    images = torch.rand(1, 3, 32, 32)
+    changed = images.clone()
+    changed[:, :, 8:16, 8:16] = torch.rand(3, 8, 8)  # token (1, 1)
+    with torch.no_grad():
+        for model, local in ((_patch_vq(), True), (IceVQModel(channels=16, z_channels=16, embedding_dim=8,
+                                                                num_embeddings=64, encoder_channel_mult=(1, 2, 4, 4),
+                                                                decoder_channel_mults=((1, 2, 4, 4),),
+                                                                norm_num_groups=8, resolution=32), False)):
+            difference = (model.encode_latents(images) - model.encode_latents(changed)).abs().amax(1)[0]
+            assert difference[1, 1] > 0
+            others = torch.ones_like(difference, dtype=torch.bool)
+            others[1, 1] = False
+            assert (difference[others].max() == 0) == local
+    # the same patch anywhere in an image gets the same code
+    model = _patch_vq()
+    patch = torch.rand(3, 8, 8)
+    tiled = patch.repeat(1, 4, 4)[None]
+    assert torch.unique(model.encode(tiled)).numel() == 1
+
+
+def test_patch_encoder_saves_and_loads(tmp_path):
+    model = _patch_vq()
+    model.save_pretrained(tmp_path)
+    loaded = IceVQModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.encoder_type == "patch"
+    images = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(images), model.encode(images))
+        torch.testing.assert_close(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
 
 
 def test_kmeans_cluster_labels(vq):

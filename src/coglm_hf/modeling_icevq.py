@@ -159,6 +159,31 @@ class IceVQEncoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
+class IceVQPatchEncoder(nn.Module):
+    """A local encoder (not in icetk): every output position sees only its own `patch_size`² pixels.
+
+    patch embedding (a convolution with kernel = stride = `patch_size`) -> `depth` residual 1x1 MLP blocks ->
+    swish, 1x1 conv_out. icetk's encoder sees most of a small image from every position (3x3 convolutions and a
+    global attention block), so one flat region gets different codes depending on what lies around it; a local
+    encoder gives the same patch the same code everywhere, which makes token sequences far easier to model on small
+    datasets (the embedded demo model uses it).
+
+    `[B, in_channels, H, W] -> [B, z_channels, H / patch_size, W / patch_size]`
+    """
+
+    def __init__(self, in_channels: int, width: int, z_channels: int, patch_size: int, depth: int):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.blocks = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(depth))
+        self.conv_out = nn.Conv2d(width, z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch_embed(x)
+        for block in self.blocks:
+            h = h + block(_swish(h))
+        return self.conv_out(_swish(h))
+
+
 class IceVQDecoder(nn.Module):
     """conv_in -> mid (Res, Attn, Res) -> levels from deepest to shallowest (×2 after each but level 0) -> out.
 
@@ -249,7 +274,10 @@ class IceVQModel(ModelMixin, ConfigMixin):
         num_embeddings: codebook size (20000); ids are `[0, num_embeddings)`.
         encoder_channel_mult: encoder widths per level (1, 2, 4); the encoder downsamples by
             `2 ** (len - 1)` (4).
-        encoder_num_res_blocks: ResNet blocks per encoder level (2).
+        encoder_num_res_blocks: ResNet blocks per encoder level (2); with `encoder_type="patch"`, the number of
+            residual 1x1 blocks.
+        encoder_type: "icetk" (the official encoder) or "patch" (`IceVQPatchEncoder`: local, one patch per
+            position, of width `channels * encoder_channel_mult[-1]`; not in icetk).
         decoder_channel_mults: one multiplier tuple per decoder, `decs.0` first; decoder `levels - 1 - l` serves
             level l, so it must upsample by the rate of that level.
         decoder_num_res_blocks: ResNet blocks per decoder level (1; icetk's argument `num_res_blocks=0` means 1).
@@ -280,6 +308,7 @@ class IceVQModel(ModelMixin, ConfigMixin):
         compress_rate: int = 8,
         image_mean: Sequence[float] = ICETK_IMAGE_MEAN,
         image_std: Sequence[float] = ICETK_IMAGE_STD,
+        encoder_type: str = "icetk",
     ):
         super().__init__()
         levels = len(decoder_channel_mults)
@@ -296,9 +325,16 @@ class IceVQModel(ModelMixin, ConfigMixin):
         if compress_rate not in self.compress_rates:
             raise ValueError(f"compress_rate must be one of {self.compress_rates}, got {compress_rate}")
 
+        if encoder_type not in ("icetk", "patch"):
+            raise ValueError(f"encoder_type must be 'icetk' or 'patch', got {encoder_type!r}")
+
         attn_resolutions = tuple(attn_resolutions)
-        self.enc = IceVQEncoder(in_channels, channels, z_channels, encoder_channel_mult, encoder_num_res_blocks,
-                                resolution, attn_resolutions, norm_num_groups, norm_eps)
+        if encoder_type == "patch":
+            self.enc = IceVQPatchEncoder(in_channels, channels * encoder_channel_mult[-1], z_channels, encoder_factor,
+                                         encoder_num_res_blocks)
+        else:
+            self.enc = IceVQEncoder(in_channels, channels, z_channels, encoder_channel_mult, encoder_num_res_blocks,
+                                    resolution, attn_resolutions, norm_num_groups, norm_eps)
         # registration order = icetk's state-dict order
         self.decs = nn.ModuleList(
             IceVQDecoder(out_channels, channels, embedding_dim, mult, decoder_num_res_blocks, resolution,

@@ -1,7 +1,7 @@
 """The "shapes" world: a procedural, seeded text-image dataset for the embedded demo model.
 
 A scene is one to three flat shapes (circle, square, triangle, star) of distinct colours on a plain background
-of another colour. Scenes are drawn at `HIRES_SIZE` (240 px) and box-filtered to `LOWRES_SIZE` (80 px), so the
+of another colour, centred on a 24 px lattice (one stage-1 token) with sizes from one short list. Scenes are drawn at `HIRES_SIZE` (240 px) and box-filtered to `LOWRES_SIZE` (80 px), so the
 low-res image is exactly what the super-resolution stages see as their input. Every scene has an English and a
 Chinese caption from templates.
 
@@ -44,7 +44,13 @@ RELATIONS = ("above", "below", "left of", "right of")
 RELATION_WORDS = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 RELATIONS_ZH = {"above": "上方", "below": "下方", "left of": "左边", "right of": "右边"}
 HELD_OUT_MODULUS = 8
-SINGLE_RADII = (32.0, 52.0)  # the two sizes of a lone shape ("small", "large")
+# A lone shape has one of the sizes that shapes also have in two- and three-shape scenes: with local image tokens,
+# a held-out one-shape scene ("a red star on a green background") is then made of object tokens that training
+# showed in other scenes (a red star beside another shape on green), not of tokens never seen.
+SINGLE_RADII = (36.0, 48.0)  # the two sizes of a lone shape ("small", "large")
+PAIR_RADII = (36.0, 48.0)  # sizes of the shapes of two-shape scenes
+TRIPLE_RADIUS = 36.0
+LATTICE = 24.0  # centres lie on this grid of the 240 px canvas (one 8 px token of the 80 px image)
 
 
 @dataclass(frozen=True)
@@ -154,24 +160,31 @@ def caption_zh(scene: Scene, rng: random.Random | None = None) -> str:
     return f"{bg}上的{names[0]}、{names[1]}和{names[2]}"
 
 
+def _lattice_offset(rng: random.Random) -> float:
+    return LATTICE * rng.choice((-1, 0, 1))
+
+
 def _place(num_shapes: int, relation: str | None, rng: random.Random) -> list[tuple[float, float, float]]:
-    """Centres and radii (240 px canvas) that do not overlap and respect the relation of two-shape scenes."""
+    """Centres and radii (240 px canvas) that do not overlap and respect the relation of two-shape scenes.
+
+    Centres lie on the `LATTICE` (24 px: one stage-1 token of the 80 px image), so one object always covers the same
+    token patches, and sizes come from short lists: the image tokens of a scene are a function of its content.
+    """
     if num_shapes == 1:
         radius = rng.choice(SINGLE_RADII)
-        return [(120 + rng.uniform(-25, 25), 120 + rng.uniform(-25, 25), radius)]
+        return [(120 + _lattice_offset(rng), 120 + _lattice_offset(rng), radius)]
     if num_shapes == 2:
-        radius = [rng.uniform(30, 40), rng.uniform(30, 40)]
-        near, far = rng.uniform(-15, 15), rng.uniform(-15, 15)
-        a, b = (60 + rng.uniform(-6, 6), 180 + rng.uniform(-6, 6))  # first / second coordinate on the axis
+        radius = [rng.choice(PAIR_RADII), rng.choice(PAIR_RADII)]
+        near, far = _lattice_offset(rng), _lattice_offset(rng)
         first_is_low = relation in ("above", "left of")
-        u0, u1 = (a, b) if first_is_low else (b, a)
+        u0, u1 = (48.0, 192.0) if first_is_low else (192.0, 48.0)  # first / second coordinate on the axis
         if relation in ("above", "below"):
             return [(120 + near, u0, radius[0]), (120 + far, u1, radius[1])]
         return [(u0, 120 + near, radius[0]), (u1, 120 + far, radius[1])]
     # three shapes: three of the four quadrants, shuffled
-    quadrants = [(62, 62), (178, 62), (62, 178), (178, 178)]
+    quadrants = [(72.0, 72.0), (168.0, 72.0), (72.0, 168.0), (168.0, 168.0)]
     rng.shuffle(quadrants)
-    return [(qx + rng.uniform(-8, 8), qy + rng.uniform(-8, 8), rng.uniform(27, 34)) for qx, qy in quadrants[:3]]
+    return [(qx, qy, TRIPLE_RADIUS) for qx, qy in quadrants[:3]]
 
 
 def random_scene(rng: random.Random, num_shapes: int | None = None) -> Scene:
@@ -300,9 +313,12 @@ def image_to_array(image: Image.Image) -> np.ndarray:
 __all__ = [
     "COLORS",
     "HIRES_SIZE",
+    "LATTICE",
     "LOWRES_SIZE",
+    "PAIR_RADII",
     "SHAPES",
     "SINGLE_RADII",
+    "TRIPLE_RADIUS",
     "Scene",
     "Shape",
     "ShapesDataset",

@@ -5,13 +5,16 @@
 Steps (each resumable: a finished step leaves its folder in `--work-dir` and is skipped when run again):
 
 1. `tokenizer/`: a small sentencepiece unigram model on the English and Chinese captions -> `CogLMTokenizer`.
-2. `vq/`: a small `IceVQModel` (compression 8, `VQ_CODES` codes) trained with a straight-through VQ loop
-   (reconstruction + commitment losses, EMA codebook, dead codes restarted on encoder outputs), then k-means
-   cluster labels of its codebook (`IceVQModel.compute_cluster_labels`).
+2. `vq/`: a small `IceVQModel` (compression 8, `VQ_CODES` codes, the local patch encoder: the same 8x8 patch
+   gets the same code wherever it lies, so the token models see few, repeatable sequences) trained with a
+   straight-through VQ loop (reconstruction + commitment losses, EMA codebook, dead codes restarted on encoder
+   outputs), then k-means cluster labels of its codebook (`IceVQModel.compute_cluster_labels`).
 3. `cache_base/`, `cache_sr/`: training scenes tokenized once (`coglm_hf.training.data.build_token_cache`):
    captions and 10×10 (80 px) grids; captions, 10×10 and 30×30 (240 px) grids for the SR stages.
 4. `base/`, `dsr/`, `itersr/`: the three CogLM stages, trained with the project's Trainer entry point
-   (`coglm_hf.training.train.run`) on the cached tokens; both SR models start from the base weights.
+   (`coglm_hf.training.train.run`) on the cached tokens. The base model's captioning rows end in `<eos>`, so it
+   also captions; both SR models start from the base weights, their 30x30 position tables interpolated from the
+   base's 10x10 one.
 5. `--output`: the pipeline folder (`CogView2Pipeline.save_pretrained(remote_code=False)`): safetensors weights
    and configs only, loaded with the installed package's classes; `save_pretrained` of the loaded pipeline
    exports a copy that carries its code (remote code).
@@ -60,7 +63,8 @@ VQ_CONFIG = {
     "embedding_dim": 16,
     "num_embeddings": VQ_CODES,
     "encoder_channel_mult": (1, 2, 4, 4),
-    "encoder_num_res_blocks": 1,
+    "encoder_num_res_blocks": 2,
+    "encoder_type": "patch",  # local codes: the same 8x8 patch gets the same code wherever it is
     "decoder_channel_mults": ((1, 2, 4, 4),),
     "decoder_num_res_blocks": 1,
     "resolution": LOWRES_SIZE,
@@ -347,6 +351,13 @@ def model_configs(tokenizer_dir: Path) -> dict[str, dict]:
     return {"base": base, "dsr": {**sr, "sr_text_slots": MAX_TEXT}, "itersr": {**sr, "sr_text_slots": MAX_TEXT}}
 
 
+def caption_end_id(tokenizer_dir: Path) -> int:
+    """Id of the tokenizer's `<eos>` piece, which ends the captions of captioning rows."""
+    from ..tokenization_coglm import CogLMTokenizer
+
+    return CogLMTokenizer.from_pretrained(tokenizer_dir).convert_tokens_to_ids("<eos>")
+
+
 def stage_config(stage: str, work: Path, steps: int, batch_size: int, learning_rate: float, seed: int) -> dict:
     """The `coglm_hf.training.train` config of one stage (the same dict a YAML file would hold)."""
     configs = model_configs(work / "tokenizer")
@@ -366,9 +377,11 @@ def stage_config(stage: str, work: Path, steps: int, batch_size: int, learning_r
     }
     if stage == "base":
         config["data"]["tokenizer"] = str(work / "tokenizer")  # its chinese_piece_start sets the language tags
-        config["collator"] = {"caption_ratio": 0.3}
+        # captioning rows end in <eos> so that the base model also captions, and knows when to stop
+        config["collator"] = {"caption_ratio": 0.3, "caption_end_token_id": caption_end_id(work / "tokenizer")}
     if stage in ("dsr", "itersr"):
         config["init_from_base"] = str(work / "base")  # as CogView2: SR models start from the base weights
+        config["hires_position_init"] = "interpolate"  # the 30x30 table from the base's 10x10 one, bilinearly
     if stage == "dsr":
         config["trainable_parameters"] = "all"  # tiny backbone: the official frozen-backbone recipe underfits
     return config
@@ -420,7 +433,7 @@ def assemble_pipeline(work: Path, output: Path) -> Path:
     return output
 
 
-STEPS = {"base": 8000, "dsr": 2500, "itersr": 2500}
+STEPS = {"base": 7000, "dsr": 3000, "itersr": 1500}
 BATCH = {"base": 24, "dsr": 4, "itersr": 4}
 LR = {"base": 1e-3, "dsr": 5e-4, "itersr": 1e-3}
 
