@@ -27,7 +27,18 @@ from PIL import Image
 
 from .evaluate import save_image_grid
 from .judge import judge
-from .shapes import COLORS, HIRES_SIZE, LATTICE, PAIR_RADII, SHAPES, Scene, Shape, caption_en, is_held_out, render
+from .shapes import (
+    COLORS,
+    HIRES_SIZE,
+    PAIR_RADII,
+    SHAPES,
+    Scene,
+    Shape,
+    caption_en,
+    is_held_out,
+    lattice_offset,
+    render,
+)
 
 # The right half of the image: its bounding box is the whole height, so the crop is the whole image and stage 1
 # sees the kept half as context.
@@ -64,7 +75,7 @@ def edit_trials(num_trials: int, seed: int = 0) -> list[EditTrial]:
         background, kept_color, old_color, new_color, control_color = rng.sample(colors, 5)
         kept_kind, old_kind, new_kind = (rng.choice(SHAPES) for _ in range(3))
         # placed as the world places "left of" scenes: on the lattice, the training sizes
-        y_left, y_right = (120 + LATTICE * rng.choice((-1, 0, 1)) for _ in range(2))
+        y_left, y_right = (120 + lattice_offset(rng) for _ in range(2))
         kept = Shape(kept_kind, kept_color, 48.0, y_left, rng.choice(PAIR_RADII))
         right = dict(x=192.0, y=y_right, radius=rng.choice(PAIR_RADII))
         target = Scene(background, (kept, Shape(new_kind, new_color, **right)), "left of")

@@ -160,7 +160,8 @@ def caption_zh(scene: Scene, rng: random.Random | None = None) -> str:
     return f"{bg}上的{names[0]}、{names[1]}和{names[2]}"
 
 
-def _lattice_offset(rng: random.Random) -> float:
+def lattice_offset(rng: random.Random) -> float:
+    """A random step of -1, 0 or +1 lattice cells: where a shape sits around its nominal centre."""
     return LATTICE * rng.choice((-1, 0, 1))
 
 
@@ -172,10 +173,10 @@ def _place(num_shapes: int, relation: str | None, rng: random.Random) -> list[tu
     """
     if num_shapes == 1:
         radius = rng.choice(SINGLE_RADII)
-        return [(120 + _lattice_offset(rng), 120 + _lattice_offset(rng), radius)]
+        return [(120 + lattice_offset(rng), 120 + lattice_offset(rng), radius)]
     if num_shapes == 2:
         radius = [rng.choice(PAIR_RADII), rng.choice(PAIR_RADII)]
-        near, far = _lattice_offset(rng), _lattice_offset(rng)
+        near, far = lattice_offset(rng), lattice_offset(rng)
         first_is_low = relation in ("above", "left of")
         u0, u1 = (48.0, 192.0) if first_is_low else (192.0, 48.0)  # first / second coordinate on the axis
         if relation in ("above", "below"):
@@ -329,6 +330,7 @@ __all__ = [
     "heldout_prompts",
     "image_to_array",
     "is_held_out",
+    "lattice_offset",
     "random_scene",
     "render",
     "scene_key",
