@@ -163,12 +163,12 @@ def test_config_is_validated():
         IceVQModel(encoder_type="resnet")
 
 
-def _patch_vq() -> IceVQModel:
+def _small_vq(encoder_type: str = "patch") -> IceVQModel:
     torch.manual_seed(0)
     return IceVQModel(channels=16, z_channels=16, embedding_dim=8, num_embeddings=64,
                       encoder_channel_mult=(1, 2, 4, 4), encoder_num_res_blocks=2,
                       decoder_channel_mults=((1, 2, 4, 4),), norm_num_groups=8, resolution=32, attn_resolutions=(),
-                      encoder_type="patch").eval()
+                      encoder_type=encoder_type).eval()
 
 
 def test_patch_encoder_is_local():
@@ -178,24 +178,21 @@ def test_patch_encoder_is_local():
     changed = images.clone()
     changed[:, :, 8:16, 8:16] = torch.rand(3, 8, 8)  # token (1, 1)
     with torch.no_grad():
-        for model, local in ((_patch_vq(), True), (IceVQModel(channels=16, z_channels=16, embedding_dim=8,
-                                                                num_embeddings=64, encoder_channel_mult=(1, 2, 4, 4),
-                                                                decoder_channel_mults=((1, 2, 4, 4),),
-                                                                norm_num_groups=8, resolution=32), False)):
+        for model, local in ((_small_vq("patch"), True), (_small_vq("icetk"), False)):
             difference = (model.encode_latents(images) - model.encode_latents(changed)).abs().amax(1)[0]
             assert difference[1, 1] > 0
             others = torch.ones_like(difference, dtype=torch.bool)
             others[1, 1] = False
             assert (difference[others].max() == 0) == local
     # the same patch anywhere in an image gets the same code
-    model = _patch_vq()
+    model = _small_vq()
     patch = torch.rand(3, 8, 8)
     tiled = patch.repeat(1, 4, 4)[None]
     assert torch.unique(model.encode(tiled)).numel() == 1
 
 
 def test_patch_encoder_saves_and_loads(tmp_path):
-    model = _patch_vq()
+    model = _small_vq()
     model.save_pretrained(tmp_path)
     loaded = IceVQModel.from_pretrained(tmp_path).eval()
     assert loaded.config.encoder_type == "patch"

@@ -30,6 +30,7 @@ from .judge import judge
 from .shapes import (
     COLORS,
     HIRES_SIZE,
+    PAIR_AXIS,
     PAIR_RADII,
     SHAPES,
     Scene,
@@ -76,8 +77,8 @@ def edit_trials(num_trials: int, seed: int = 0) -> list[EditTrial]:
         kept_kind, old_kind, new_kind = (rng.choice(SHAPES) for _ in range(3))
         # placed as the world places "left of" scenes: on the lattice, the training sizes
         y_left, y_right = (120 + lattice_offset(rng) for _ in range(2))
-        kept = Shape(kept_kind, kept_color, 48.0, y_left, rng.choice(PAIR_RADII))
-        right = dict(x=192.0, y=y_right, radius=rng.choice(PAIR_RADII))
+        kept = Shape(kept_kind, kept_color, PAIR_AXIS[0], y_left, rng.choice(PAIR_RADII))
+        right = dict(x=PAIR_AXIS[1], y=y_right, radius=rng.choice(PAIR_RADII))
         target = Scene(background, (kept, Shape(new_kind, new_color, **right)), "left of")
         if not is_held_out(target.key):
             continue

@@ -1,7 +1,8 @@
 """The "shapes" world: a procedural, seeded text-image dataset for the embedded demo model.
 
 A scene is one to three flat shapes (circle, square, triangle, star) of distinct colours on a plain background
-of another colour, centred on a 24 px lattice (one stage-1 token) with sizes from one short list. Scenes are drawn at `HIRES_SIZE` (240 px) and box-filtered to `LOWRES_SIZE` (80 px), so the
+of another colour, centred on a 24 px lattice (one stage-1 token) with sizes from one short list. Scenes are drawn
+at `HIRES_SIZE` (240 px) and box-filtered to `LOWRES_SIZE` (80 px), so the
 low-res image is exactly what the super-resolution stages see as their input. Every scene has an English and a
 Chinese caption from templates.
 
@@ -51,6 +52,7 @@ SINGLE_RADII = (36.0, 48.0)  # the two sizes of a lone shape ("small", "large")
 PAIR_RADII = (36.0, 48.0)  # sizes of the shapes of two-shape scenes
 TRIPLE_RADIUS = 36.0
 LATTICE = 24.0  # centres lie on this grid of the 240 px canvas (one 8 px token of the 80 px image)
+PAIR_AXIS = (48.0, 192.0)  # centres of two-shape scenes along the axis of their relation (low, high)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _place(num_shapes: int, relation: str | None, rng: random.Random) -> list[tu
         radius = [rng.choice(PAIR_RADII), rng.choice(PAIR_RADII)]
         near, far = lattice_offset(rng), lattice_offset(rng)
         first_is_low = relation in ("above", "left of")
-        u0, u1 = (48.0, 192.0) if first_is_low else (192.0, 48.0)  # first / second coordinate on the axis
+        u0, u1 = PAIR_AXIS if first_is_low else PAIR_AXIS[::-1]  # first / second coordinate on the axis
         if relation in ("above", "below"):
             return [(120 + near, u0, radius[0]), (120 + far, u1, radius[1])]
         return [(u0, 120 + near, radius[0]), (u1, 120 + far, radius[1])]
@@ -316,6 +318,7 @@ __all__ = [
     "HIRES_SIZE",
     "LATTICE",
     "LOWRES_SIZE",
+    "PAIR_AXIS",
     "PAIR_RADII",
     "SHAPES",
     "SINGLE_RADII",
