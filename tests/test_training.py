@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -497,3 +498,22 @@ def test_shipped_configs_are_valid(tmp_path, monkeypatch):
     args = training_arguments(STAGES["base"], {"training": {"output_dir": str(tmp_path), "use_cpu": True}})
     assert args.activation_checkpointing is False
     assert main(["--config-path", "accelerate_fsdp2.yaml"]) == 0
+
+
+def test_extra_callbacks_run_and_lopar_masks_train(cache, tmp_path):
+    """`run(config, callbacks)` adds callbacks to the stage's own; the demo's DSR takes the cores the iterative-SR
+    process frees once it exits. The iterative-SR collator's LoPAR masks pass through the config."""
+    from coglm_hf.demo.train_demo import ThreadsAfterExit
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    config = tiny_config("itersr", cache, tmp_path, max_steps=2, learning_rate=1e-3)
+    config["collator"] = {"lopar_fraction": 1.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = run(config, callbacks=[ThreadsAfterExit(finished, 2)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert trainer.state.global_step == 2 and all(map(math.isfinite, losses(trainer)))

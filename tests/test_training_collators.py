@@ -10,6 +10,7 @@ import torch
 from coglm_hf.attention_masks import masked_regions_loss_mask, masked_regions_mask
 from coglm_hf.configuration_coglm import CogLMConfig, CogLMDirectSRConfig, CogLMIterativeSRConfig
 from coglm_hf.modeling_coglm import CogLMForMaskedRegions
+from coglm_hf.sampling import LOPAR_NUM_PASSES, lopar_regeneration_mask
 from coglm_hf.training.collators import (
     IGNORE_INDEX,
     ITERATIVE_SR_MASK_RATIOS,
@@ -279,3 +280,29 @@ def test_iterative_sr_mask_ratios_and_labels():
     assert torch.equal(again["image_tokens"], batch["image_tokens"])
     with pytest.raises(ValueError, match="mask_ratios"):
         CogLMIterativeSRCollator(config, mask_ratios=[0.0])
+
+
+def test_iterative_sr_lopar_masks_are_the_cells_a_pass_regenerates():
+    config = tiny("itersr")  # 12x12 grid: the official 6x6 order matrix tiles it exactly
+    side = config.hires_grid_size
+    passes = [lopar_regeneration_mask(side, side, t) for t in range(1, LOPAR_NUM_PASSES + 1)]
+    g = torch.Generator().manual_seed(0)
+    features = [{"hires_tokens": torch.randint(0, 64, (12, 12), generator=g), "text_ids": [70], "index": i}
+                for i in range(80)]
+    only_lopar = CogLMIterativeSRCollator(config, seed=0, lopar_fraction=1.0)(features)
+    seen = set()
+    for feature, image, labels in zip(features, only_lopar["image_tokens"], only_lopar["labels"]):
+        masked = image == config.boi_token_id
+        matches = [t for t, mask in enumerate(passes, start=1) if torch.equal(masked, mask)]
+        assert len(matches) == 1, "every mask is exactly one pass's regeneration set"
+        seen.add(matches[0])
+        assert torch.equal(labels[masked], feature["hires_tokens"][masked])
+        assert bool((labels[~masked] == IGNORE_INDEX).all())
+    assert seen == set(range(1, LOPAR_NUM_PASSES + 1))
+    mixed = CogLMIterativeSRCollator(config, seed=0, lopar_fraction=0.5)(features)
+    lopar_like = sum(any(torch.equal(image == config.boi_token_id, mask) for mask in passes)
+                     for image in mixed["image_tokens"])
+    assert 20 <= lopar_like <= 60  # about half of 80, the rest random-ratio masks
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="lopar_fraction"):
+            CogLMIterativeSRCollator(config, lopar_fraction=bad)

@@ -40,6 +40,7 @@ import torch
 
 from ..attention_masks import Region
 from ..configuration_coglm import CogLMConfig
+from ..sampling import LOPAR_ORDER_MATRIX, lopar_num_passes, lopar_regeneration_mask
 
 IGNORE_INDEX = -100
 # Sentencepiece ids of icetk's text model: English pieces end where the Chinese pieces begin (id 83823 − 20000).
@@ -352,7 +353,10 @@ class CogLMIterativeSRCollator(_SeededCollator):
     (CogView2's mask token) and predicted.
 
     Per sample a ratio is drawn uniformly from ``mask_ratios`` ({0.2, 0.4, 0.6, 0.8, 0.9}) and
-    ``round(ratio · G²)`` cells, chosen uniformly, are masked. Returns ``input_ids`` / ``attention_mask``
+    ``round(ratio · G²)`` cells, chosen uniformly, are masked (the paper's objective). With probability
+    ``lopar_fraction`` a sample instead masks the cells that one LoPAR pass regenerates (pass drawn uniformly from
+    ``lopar_order_matrix``): the masks sampling will meet, whose kept cells form a fixed lattice that random masks
+    rarely produce. Returns ``input_ids`` / ``attention_mask``
     (caption, at most ``max_text_tokens``), ``image_tokens`` ``[batch, G, G]`` (masked cells = ``boi_token_id``)
     and ``labels`` ``[batch, G, G]`` (original ids at masked cells, -100 elsewhere).
     """
@@ -363,17 +367,29 @@ class CogLMIterativeSRCollator(_SeededCollator):
         mask_ratios: Sequence[float] = ITERATIVE_SR_MASK_RATIOS,
         max_text_tokens: int | None = None,
         seed: int = 0,
+        lopar_fraction: float = 0.0,
+        lopar_order_matrix: Sequence[Sequence[int]] = LOPAR_ORDER_MATRIX,
     ):
         super().__init__(config, seed)
         if not config.hires_grid_size:
             raise ValueError("CogLMIterativeSRCollator needs a super-resolution config (hires_grid_size > 0)")
         if not mask_ratios or any(not 0.0 < r <= 1.0 for r in mask_ratios):
             raise ValueError(f"mask_ratios must be a non-empty list of values in (0, 1], got {list(mask_ratios)}")
+        if isinstance(lopar_fraction, bool) or not 0.0 <= lopar_fraction <= 1.0:
+            raise ValueError(f"lopar_fraction must be a probability in [0, 1], got {lopar_fraction!r}")
         self.mask_ratios = tuple(float(r) for r in mask_ratios)
         self.max_text_tokens = int(max_text_tokens or config.sr_text_slots)
+        self.lopar_fraction = float(lopar_fraction)
+        side = config.hires_grid_size
+        # one mask per pass; passes that regenerate nothing on this grid are left out
+        passes = [lopar_regeneration_mask(side, side, t, order_matrix=lopar_order_matrix)
+                  for t in range(1, lopar_num_passes(lopar_order_matrix) + 1)]
+        self.lopar_masks = [mask for mask in passes if mask.any()]
 
     def mask_cells(self, generator: torch.Generator) -> torch.Tensor:
         """Bool ``[G, G]``: the cells to predict for one sample."""
+        if self.lopar_fraction and float(torch.rand((), generator=generator)) < self.lopar_fraction:
+            return self.lopar_masks[int(torch.randint(len(self.lopar_masks), (1,), generator=generator))].clone()
         cells = self.config.num_hires_positions
         ratio = self.mask_ratios[int(torch.randint(len(self.mask_ratios), (1,), generator=generator))]
         count = max(1, round(ratio * cells))

@@ -508,8 +508,9 @@ def resolve_checkpoint(value, output_dir: str) -> str | None:
     return str(value)
 
 
-def build_trainer(config: dict) -> Trainer:
-    """Model, datasets, collator, ``TrainingArguments`` and callbacks of one stage as a ``Trainer``."""
+def build_trainer(config: dict, callbacks: list[TrainerCallback] | None = None) -> Trainer:
+    """Model, datasets, collator, ``TrainingArguments`` and callbacks of one stage as a ``Trainer``; ``callbacks``
+    are added to the stage's own."""
     validate_config(config)
     stage_name = config.get("stage")
     if stage_name not in STAGES:
@@ -526,7 +527,7 @@ def build_trainer(config: dict) -> Trainer:
             collator_kwargs["chinese_piece_start"] = start
     collator = stage.collator_class(model.config, **collator_kwargs)
     # the eval set keeps epoch 0: the same masks at every evaluation
-    callbacks = [SetEpochCallback(train_dataset), GracefulStopCallback()]
+    callbacks = [SetEpochCallback(train_dataset), GracefulStopCallback(), *(callbacks or [])]
     if config.get("stop_at_step"):
         callbacks.append(StopAtStepCallback(int(config["stop_at_step"])))
     trainer = Trainer(
@@ -544,9 +545,10 @@ def build_trainer(config: dict) -> Trainer:
     return trainer
 
 
-def run(config: dict):
-    """Train one stage as configured. Returns the ``Trainer`` after training (state, log history, model)."""
-    trainer = build_trainer(config)
+def run(config: dict, callbacks: list[TrainerCallback] | None = None):
+    """Train one stage as configured (``callbacks``: extra ``TrainerCallback``s). Returns the ``Trainer`` after
+    training (state, log history, model)."""
+    trainer = build_trainer(config, callbacks)
     resume = resolve_checkpoint(config.get("resume_from_checkpoint", True), trainer.args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
