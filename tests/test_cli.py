@@ -47,7 +47,7 @@ def test_help(command, capsys):
         assert "--prompt" in text and "--num-candidates" in text and "--grid" in text and "--seed" in text
         # the default model's own facts, not the official 480x480 / 1.15 / 16 / 100 / 40
         assert "Generate 240x240 images" in text and "10x10 tokens" in text and "30x30 tokens" in text
-        assert "(default 2)" in text and "(default 8,8,8,4,4,2)" in text and "(default 0)" in text
+        assert "(default 2)" in text and "(default 2,2)" in text and "(default 0)" in text
         assert "480" not in text.split("examples (the real")[0] and "1.15" not in text
         # every word of the demo world is listed for the examples
         from coglm_hf.demo.shapes import COLORS, SHAPES
