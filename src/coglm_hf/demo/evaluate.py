@@ -162,10 +162,10 @@ def shape_rows(pipeline, per_shape: int = 6, images_per_prompt: int = 2, seed: i
         rows.append(_shape_row(f"VQ round trip {size} px", [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)],
                                kinds))
     has_sr = pipeline.dsr_model is not None and pipeline.itersr_model is not None
-    if has_sr:
-        decoded, seconds = super_resolve_ground_truth(pipeline, scenes, texts, seed)["direct + iterative SR"]
-        rows.append(_shape_row("direct + iterative SR of ground-truth 80 px tokens",
-                               [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)], kinds, seconds))
+    if has_sr:  # where super-resolution loses shapes: after direct SR, after both SR stages
+        for name, (decoded, seconds) in super_resolve_ground_truth(pipeline, scenes, texts, seed).items():
+            rows.append(_shape_row(f"{name} of ground-truth 80 px tokens",
+                                   [judge_scene(judge(d), s) for d, s in zip(decoded, scenes)], kinds, seconds))
     repeated = [scene for scene in scenes for _ in range(images_per_prompt)]
     stages = [("stage 1", {"only_first_stage": True})] + ([("full pipeline", {})] if has_sr else [])
     for name, kwargs in stages:
