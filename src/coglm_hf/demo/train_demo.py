@@ -20,9 +20,10 @@ Steps (each resumable: a finished step leaves its folder in `--work-dir` and is 
    exports a copy that carries its code (remote code).
 
 Every random choice is seeded; with the same torch build the run is reproducible. The two SR stages train in two
-processes (one thread each; DSR takes `--threads` once iterative SR is done) unless `--no-parallel-sr`. `--threads` sets torch's intra-op threads for the other
-steps: 1 by default (on a busy machine two threads spin at barriers and were ~10x slower), 2 on a quiet 2-core
-machine (the base stage runs ~1.5x faster). Measured times and losses: docs/demo.md.
+processes (one thread each; DSR takes `--threads` once iterative SR is done) unless `--no-parallel-sr`.
+`--threads` sets torch's intra-op threads for the other steps: 1 by default (on a busy machine two threads spin at
+barriers and were ~10x slower), 2 on a quiet 2-core machine (the base stage runs ~1.5x faster). Measured times and
+losses: docs/demo.md.
 """
 
 from __future__ import annotations
