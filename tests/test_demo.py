@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,17 @@ def test_shipped_weights_are_small_safetensors():
     weights = list(folder.rglob("*.safetensors"))
     assert weights and not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
     assert sum(f.stat().st_size for f in weights) <= 30 * 2**20
+
+
+def test_shipped_sampler_and_documented_steps_are_the_recipe_defaults():
+    """The one-command recipe (`train_demo` defaults) is what the docs describe and what the shipped folder holds."""
+    from coglm_hf.demo.train_demo import BATCH, DEMO_SAMPLER, STEPS
+
+    shipped = json.loads((default_model_path() / "scheduler" / "scheduler_config.json").read_text())
+    assert {key: shipped[key] for key in DEMO_SAMPLER} == DEMO_SAMPLER
+    doc = (Path(__file__).parents[1] / "docs" / "demo.md").read_text()
+    assert f"{STEPS['base']} steps × {BATCH['base']}" in doc
+    assert f"DSR {STEPS['dsr']} steps, iterative SR {STEPS['itersr']}" in doc
 
 
 def _verdicts(pipeline, prompts, images_per_prompt, **kwargs):

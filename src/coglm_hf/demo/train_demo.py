@@ -462,7 +462,7 @@ def assemble_pipeline(work: Path, output: Path) -> Path:
     return output
 
 
-STEPS = {"base": 7000, "dsr": 3000, "itersr": 1500}
+STEPS = {"base": 7000, "dsr": 4500, "itersr": 1500}
 BATCH = {"base": 24, "dsr": 4, "itersr": 4}
 LR = {"base": 1e-3, "dsr": 5e-4, "itersr": 1e-3}
 
