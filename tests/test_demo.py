@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from coglm_hf.demo import default_model_path
 from coglm_hf.demo.evaluate import chance_row, generate, shape_rows
@@ -141,7 +141,7 @@ def test_shipped_sampler_and_documented_steps_are_the_recipe_defaults():
 
     shipped = json.loads((default_model_path() / "scheduler" / "scheduler_config.json").read_text())
     assert {key: shipped[key] for key in DEMO_SAMPLER} == DEMO_SAMPLER
-    doc = (Path(__file__).parents[1] / "docs" / "demo.md").read_text()
+    doc = (REPO_ROOT / "docs" / "demo.md").read_text()
     assert f"{STEPS['base']} steps × {BATCH['base']}" in doc
     assert f"DSR {STEPS['dsr']} steps, iterative SR {STEPS['itersr']}" in doc
 
